@@ -1,0 +1,769 @@
+import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
+import { createHmac } from "node:crypto";
+import {
+  backoffMs,
+  checkHostKey,
+  type Config,
+  type ConfigContext,
+  ConfigError,
+  type Env,
+  fingerprint,
+  formatRecord,
+  hostFieldMatches,
+  keyTypeOfBlob,
+  knownKeyAlgorithms,
+  LineSplitter,
+  loadSshCredentials,
+  type Log,
+  parseConfig,
+  parseKnownHosts,
+  planCommand,
+  retryDelaySeconds,
+  shellQuote,
+  SshPool,
+} from "./tasks.ts";
+import {
+  freePort,
+  killChildren,
+  needs,
+  run,
+  type Sshd,
+  sshdMissing,
+  type SshdOptions,
+  startSshd,
+} from "./test_sshd.ts";
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+function context(overrides: Partial<ConfigContext> = {}): ConfigContext {
+  return {
+    home: "/home/op",
+    user: "op",
+    ironJsonFiles: [],
+    exists: (path) => path === "/home/op/.ssh/id_ed25519",
+    ...overrides,
+  };
+}
+
+function configError(fn: () => Config): string[] {
+  try {
+    fn();
+  } catch (e) {
+    if (e instanceof ConfigError) return e.problems;
+    throw e;
+  }
+  throw new Error("expected a ConfigError");
+}
+
+Deno.test("config: no IronMQ settings means the embedded server and defaults", () => {
+  const config = parseConfig({}, context());
+  assert.ok(config.embedded, "embedded server expected");
+  assert.equal(config.queue.queueName, "my_queue");
+  assert.equal(config.queue.projectId, "local");
+  assert.equal(config.queue.token, undefined);
+  assert.equal(config.ssh.host, "127.0.0.1");
+  assert.equal(config.ssh.port, 22);
+  assert.equal(config.ssh.user, "op");
+  assert.equal(config.ssh.keyFile, "/home/op/.ssh/id_ed25519");
+  assert.equal(config.ssh.knownHostsFile, "/home/op/.ssh/known_hosts");
+  assert.equal(config.ssh.strictHostKeyChecking, "yes");
+  assert.equal(config.task.command, "cat /etc/os-release");
+  assert.equal(config.task.deadLetterQueue, "my_queue_failed");
+});
+
+Deno.test("config: IRON_MQ_* beats IRON_*, which beats iron.json; cwd file beats home file", () => {
+  const files = [
+    {
+      path: "/work/iron.json",
+      text: JSON.stringify({
+        token: "cwd-token",
+        project_id: "cwdproj",
+        mq: { host: "mq.example" },
+      }),
+    },
+    {
+      path: "/home/op/iron.json",
+      text: JSON.stringify({ token: "home", project_id: "home", port: 8443 }),
+    },
+  ];
+  const fromFiles = parseConfig({}, context({ ironJsonFiles: files }));
+  assert.equal(fromFiles.queue.token, "cwd-token");
+  assert.equal(fromFiles.queue.projectId, "cwdproj");
+  assert.equal(fromFiles.queue.baseUrl, "https://mq.example:8443");
+  assert.equal(fromFiles.embedded, undefined);
+
+  const fromEnv = parseConfig(
+    {
+      IRON_TOKEN: "env-token",
+      IRON_MQ_TOKEN: "mq-token",
+      IRON_PROJECT_ID: "envproj",
+      IRON_HOST: "mq-aws-eu-west-1-1.iron.io",
+    },
+    context({ ironJsonFiles: files }),
+  );
+  assert.equal(fromEnv.queue.token, "mq-token");
+  assert.equal(fromEnv.queue.projectId, "envproj");
+  assert.equal(
+    fromEnv.queue.baseUrl,
+    "https://mq-aws-eu-west-1-1.iron.io:8443",
+  );
+});
+
+Deno.test("config: every bad variable is named at once", () => {
+  const problems = configError(() =>
+    parseConfig(
+      {
+        SSH_PORT: "70000",
+        TASK_CONCURRENCY: "zero",
+        TASK_TIMEOUT: "-1",
+        IRON_SCHEME: "ftp",
+        SSH_STRICT_HOST_KEY_CHECKING: "no",
+        IRON_TOKEN: "secret-token-value",
+      },
+      context(),
+    )
+  );
+  const text = problems.join("\n");
+  for (
+    const name of [
+      "SSH_PORT",
+      "TASK_CONCURRENCY",
+      "TASK_TIMEOUT",
+      "IRON_SCHEME",
+      "SSH_STRICT_HOST_KEY_CHECKING",
+      "IRON_PROJECT_ID",
+    ]
+  ) {
+    assert.match(text, new RegExp(name), `${name} should be named`);
+  }
+  assert.ok(!text.includes("secret-token-value"), "token must not appear");
+});
+
+Deno.test("config: no key and no agent is an error that says what to do", () => {
+  const problems = configError(() =>
+    parseConfig({}, context({ exists: () => false }))
+  );
+  assert.match(problems.join("\n"), /SSH_KEY_FILE.*ssh-keygen/);
+  const withAgent = parseConfig(
+    { SSH_AUTH_SOCK: "/tmp/agent.sock" },
+    context({ exists: () => false }),
+  );
+  assert.equal(withAgent.ssh.agentSocket, "/tmp/agent.sock");
+  assert.equal(withAgent.ssh.keyFile, undefined);
+});
+
+Deno.test("config: a broken iron.json is reported with its path", () => {
+  const problems = configError(() =>
+    parseConfig(
+      {},
+      context({ ironJsonFiles: [{ path: "/w/iron.json", text: "{oops" }] }),
+    )
+  );
+  assert.match(problems.join("\n"), /\/w\/iron\.json: not valid JSON/);
+});
+
+// ---------------------------------------------------------------------------
+// Messages and quoting
+// ---------------------------------------------------------------------------
+
+async function shArgv(command: string): Promise<string[]> {
+  const out = await new Deno.Command("sh", {
+    args: ["-c", command],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  const parts = new TextDecoder().decode(out.stdout).split("\0");
+  parts.pop();
+  return parts;
+}
+
+Deno.test("quoting: hostile arguments reach a real sh exactly", async () => {
+  const args = [
+    "",
+    "plain",
+    "two words",
+    "it's",
+    "'",
+    "''",
+    '"double"',
+    "$(touch /tmp/pwned)",
+    "`id`",
+    "; rm -rf /",
+    "a\nb",
+    "tab\there",
+    "back\\slash",
+    "$HOME",
+    "*",
+    "~",
+    "-n",
+    "ünïcødé ✓ 😀",
+    "!bang",
+    "&&",
+    "|",
+    "#not a comment",
+  ];
+  const plan = planCommand("printf '%s\\0'", JSON.stringify({ args }));
+  assert.ok(plan.ok);
+  assert.deepEqual(await shArgv(plan.command), args);
+  assert.equal(shellQuote("simple-arg_1.txt"), "simple-arg_1.txt");
+  assert.equal(shellQuote(""), "''");
+});
+
+Deno.test("messages: text bodies run the command as configured", () => {
+  for (const body of ["hello world!", "", "[1,2]", "42", "{not json"]) {
+    const plan = planCommand("cat /etc/os-release", body);
+    assert.deepEqual(plan, {
+      ok: true,
+      command: "cat /etc/os-release",
+      args: [],
+    });
+  }
+});
+
+Deno.test("messages: invalid args never run and say why", () => {
+  const cases: [string, RegExp][] = [
+    ['{"args": "a b"}', /array of strings/],
+    ['{"args": ["a", 1]}', /\[1\] is number/],
+    ['{"args": [null]}', /\[0\] is object/],
+    ['{"args": ["a"], "cmd": "rm"}', /unknown field.*"cmd"/],
+    ['{"other": 1}', /unknown field/],
+    ['{"args": ["a\\u0000b"]}', /NUL/],
+    ['{"args": ["\\ud800"]}', /lone surrogate/],
+    [JSON.stringify({ args: ["x".repeat(200_000)] }), /over the 100000-byte/],
+  ];
+  for (const [body, reason] of cases) {
+    const plan = planCommand("echo", body);
+    assert.equal(plan.ok, false, body.slice(0, 40));
+    if (!plan.ok) assert.match(plan.reason, reason);
+  }
+});
+
+// ---------------------------------------------------------------------------
+// known_hosts
+// ---------------------------------------------------------------------------
+
+function blob(type: string, seed: number): Uint8Array {
+  const name = new TextEncoder().encode(type);
+  const out = new Uint8Array(4 + name.length + 32);
+  new DataView(out.buffer).setUint32(0, name.length);
+  out.set(name, 4);
+  out.fill(seed, 4 + name.length);
+  return out;
+}
+
+const b64 = (b: Uint8Array) => Buffer.from(b).toString("base64");
+
+function hashedHost(name: string, salt: Uint8Array): string {
+  const hash = createHmac("sha1", salt).update(name).digest("base64");
+  return `|1|${b64(salt)}|${hash}`;
+}
+
+Deno.test("known_hosts: plain, port, pattern, negation and hashed entries", () => {
+  const key = blob("ssh-ed25519", 1);
+  const other = blob("ssh-ed25519", 2);
+  const text = [
+    "# comment",
+    `web1.example,10.0.0.5 ssh-ed25519 ${b64(key)}`,
+    `[10.0.0.6]:2222 ssh-ed25519 ${b64(key)}`,
+    `*.prod.example,!db.prod.example ssh-ed25519 ${b64(key)}`,
+    `${
+      hashedHost("[127.0.0.1]:2022", new Uint8Array(20).fill(7))
+    } ssh-ed25519 ${b64(key)}`,
+    `@revoked old.example ssh-ed25519 ${b64(other)}`,
+    `old.example ssh-ed25519 ${b64(other)}`,
+  ].join("\n");
+  const entries = parseKnownHosts(text);
+  assert.equal(checkHostKey(entries, "web1.example", 22, key), "match");
+  assert.equal(checkHostKey(entries, "10.0.0.5", 22, key), "match");
+  assert.equal(checkHostKey(entries, "10.0.0.5", 22, other), "mismatch");
+  assert.equal(checkHostKey(entries, "10.0.0.5", 2222, key), "unknown");
+  assert.equal(checkHostKey(entries, "10.0.0.6", 2222, key), "match");
+  assert.equal(checkHostKey(entries, "app.prod.example", 22, key), "match");
+  assert.equal(checkHostKey(entries, "db.prod.example", 22, key), "unknown");
+  assert.equal(checkHostKey(entries, "127.0.0.1", 2022, key), "match");
+  assert.equal(checkHostKey(entries, "127.0.0.1", 2022, other), "mismatch");
+  assert.equal(checkHostKey(entries, "127.0.0.1", 22, key), "unknown");
+  assert.equal(checkHostKey(entries, "old.example", 22, other), "revoked");
+  assert.equal(checkHostKey(entries, "new.example", 22, key), "unknown");
+  assert.deepEqual(knownKeyAlgorithms(entries, "10.0.0.5", 22), [
+    "ssh-ed25519",
+  ]);
+  assert.equal(hostFieldMatches("WEB1.example", "web1.EXAMPLE"), true);
+  assert.equal(keyTypeOfBlob(key), "ssh-ed25519");
+});
+
+Deno.test("known_hosts: entries hashed by ssh-keygen -H match", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const key = blob("ssh-ed25519", 3);
+    const file = `${dir}/known_hosts`;
+    await Deno.writeTextFile(
+      file,
+      `[127.0.0.1]:2200 ssh-ed25519 ${b64(key)}\nexample.org ssh-ed25519 ${
+        b64(key)
+      }\n`,
+    );
+    const out = await new Deno.Command("ssh-keygen", {
+      args: ["-H", "-f", file],
+      stdout: "null",
+      stderr: "null",
+    }).output().catch(() => undefined);
+    if (out === undefined || !out.success) {
+      console.log("SKIP ssh-keygen -H: ssh-keygen not available");
+      return;
+    }
+    const text = await Deno.readTextFile(file);
+    assert.ok(!text.includes("example.org"), "file should now be hashed");
+    const entries = parseKnownHosts(text);
+    assert.equal(checkHostKey(entries, "127.0.0.1", 2200, key), "match");
+    assert.equal(checkHostKey(entries, "example.org", 22, key), "match");
+    assert.equal(checkHostKey(entries, "example.com", 22, key), "unknown");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("fingerprint: the same as ssh-keygen -l", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const out = await new Deno.Command("ssh-keygen", {
+      args: ["-q", "-t", "ed25519", "-N", "", "-f", `${dir}/k`],
+      stdout: "null",
+      stderr: "null",
+    }).output().catch(() => undefined);
+    if (out === undefined || !out.success) {
+      console.log("SKIP fingerprint: ssh-keygen not available");
+      return;
+    }
+    const pub = (await Deno.readTextFile(`${dir}/k.pub`)).split(" ");
+    const listed = await new Deno.Command("ssh-keygen", {
+      args: ["-l", "-f", `${dir}/k.pub`],
+      stdout: "piped",
+    }).output();
+    const expected = new TextDecoder().decode(listed.stdout).split(" ")[1];
+    assert.equal(fingerprint(Buffer.from(pub[1], "base64")), expected);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// ---------------------------------------------------------------------------
+// Backoff, lines, log format
+// ---------------------------------------------------------------------------
+
+Deno.test("backoff: grows, is capped, and jitters within [half, full]", () => {
+  assert.equal(backoffMs(0, 100, 10_000, 0), 50);
+  assert.equal(backoffMs(0, 100, 10_000, 0.999999), 100);
+  assert.equal(backoffMs(3, 100, 10_000, 0), 400);
+  assert.equal(backoffMs(50, 100, 10_000, 0.999999), 10_000);
+  assert.equal(retryDelaySeconds(1, 10), 10);
+  assert.equal(retryDelaySeconds(3, 10), 40);
+  assert.equal(retryDelaySeconds(30, 10), 900);
+});
+
+Deno.test("lines: split across chunks, CRLF, multi-byte characters, long lines", () => {
+  const lines: string[] = [];
+  const splitter = new LineSplitter((l) => lines.push(l), 8);
+  const bytes = new TextEncoder().encode("ab\r\ncé");
+  splitter.push(bytes.subarray(0, 5)); // cuts "é" in half
+  splitter.push(bytes.subarray(5));
+  splitter.push(new TextEncoder().encode("\n0123456789abc"));
+  splitter.end();
+  assert.deepEqual(lines, ["ab", "cé", "01234567", "89abc"]);
+});
+
+Deno.test("log format: plain for info, marked for problems, secrets masked", () => {
+  const record = (level: "info" | "error", text: string) => ({
+    category: ["tasks"],
+    level,
+    message: ["", text, ""],
+    rawMessage: "",
+    timestamp: 0,
+    properties: {},
+  });
+  assert.equal(
+    formatRecord(record("info", "[h] out: {x}"), []),
+    "[h] out: {x}",
+  );
+  assert.equal(
+    formatRecord(record("error", "token s3cr3t-tok\nnext"), ["s3cr3t-tok"]),
+    "ERROR token [redacted]\\nnext",
+  );
+});
+
+// ---------------------------------------------------------------------------
+// The SSH runner against a real sshd on loopback
+// ---------------------------------------------------------------------------
+
+const sshdTest = needs(sshdMissing(), "tests with a real sshd");
+
+/** A log that keeps its lines for assertions. */
+function memoryLog(): Log & { lines: string[] } {
+  const lines: string[] = [];
+  return {
+    lines,
+    debug: (t) => lines.push(`DEBUG ${t}`),
+    info: (t) => lines.push(t),
+    warn: (t) => lines.push(`WARN ${t}`),
+    error: (t) => lines.push(`ERROR ${t}`),
+  };
+}
+
+function sshConfigFor(sshd: Sshd, env: Env = {}): Config {
+  return parseConfig(
+    {
+      SSH_HOST: sshd.host,
+      SSH_PORT: String(sshd.port),
+      SSH_USER: sshd.user,
+      SSH_KEY_FILE: sshd.clientKeyFile,
+      SSH_KNOWN_HOSTS: sshd.knownHostsFile,
+      SSH_CONNECT_TIMEOUT: "5",
+      ...env,
+    },
+    context(),
+  );
+}
+
+function poolFor(sshd: Sshd, log: Log, env: Env = {}, concurrency = 4) {
+  const config = sshConfigFor(sshd, env);
+  return new SshPool(
+    config.ssh,
+    loadSshCredentials(config.ssh),
+    concurrency,
+    log,
+  );
+}
+
+/** Runs a command and collects its output. */
+async function runCollect(
+  pool: SshPool,
+  command: string,
+  options: { timeoutMs?: number; signal?: AbortSignal } = {},
+) {
+  const stdout: Uint8Array[] = [];
+  let stderr = "";
+  const result = await pool.run(command, {
+    onStdout: (c) => stdout.push(c.slice()),
+    onStderr: (c) => stderr += new TextDecoder().decode(c),
+    timeoutMs: options.timeoutMs ?? 0,
+    signal: options.signal ?? new AbortController().signal,
+  });
+  const bytes = new Uint8Array(stdout.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of stdout) {
+    bytes.set(c, at);
+    at += c.length;
+  }
+  return { result, stdout: new TextDecoder().decode(bytes), stderr };
+}
+
+async function withSshd(
+  fn: (sshd: Sshd) => Promise<void>,
+  options: SshdOptions = {},
+) {
+  const sshd = await startSshd(options);
+  try {
+    await fn(sshd);
+  } finally {
+    await sshd.stop();
+    await Deno.remove(sshd.dir, { recursive: true });
+  }
+}
+
+Deno.test({
+  name: "ssh: output, exit status and stderr come back from a real sshd",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const log = memoryLog();
+      const pool = poolFor(sshd, log);
+      try {
+        await pool.ready(AbortSignal.timeout(10_000));
+        const ok = await runCollect(pool, "echo hello; echo oops >&2");
+        assert.deepEqual(ok.result, { kind: "exit", code: 0 });
+        assert.equal(ok.stdout, "hello\n");
+        assert.equal(ok.stderr, "oops\n");
+        const bad = await runCollect(pool, "exit 7");
+        assert.deepEqual(bad.result, { kind: "exit", code: 7 });
+        const killed = await runCollect(pool, "kill -9 $$");
+        assert.deepEqual(killed.result, { kind: "signal", signal: "SIGKILL" });
+      } finally {
+        pool.close();
+      }
+    }),
+});
+
+/** Random argument lists with the characters a shell treats specially. */
+function randomArgs(random: () => number): string[] {
+  const pieces = [
+    "'",
+    '"',
+    "\\",
+    "$(id)",
+    "`id`",
+    "${HOME}",
+    "$",
+    ";",
+    "&",
+    "|",
+    "\n",
+    "\t",
+    " ",
+    "*",
+    "?",
+    "[a]",
+    "~",
+    "#",
+    "!",
+    "-",
+    "--",
+    "<",
+    ">",
+    "(",
+    ")",
+    "{",
+    "}",
+    "%s",
+    "é",
+    "ü",
+    "✓",
+    "😀",
+    "\u00a0",
+    "\r",
+    "\x1b",
+    "a",
+    "Z",
+    "0",
+    "",
+  ];
+  const count = Math.floor(random() * 6);
+  return Array.from({ length: count }, () => {
+    const length = Math.floor(random() * 6);
+    let arg = "";
+    for (let i = 0; i < length; i++) {
+      arg += random() < 0.1
+        ? String.fromCodePoint(1 + Math.floor(random() * 0x2fff))
+        : pieces[Math.floor(random() * pieces.length)];
+    }
+    return arg;
+  });
+}
+
+/** A small seeded generator, so a failure can be replayed. */
+function mulberry32(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+Deno.test({
+  name:
+    "ssh: property: 10,000 random argument lists arrive as the remote argv exactly",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const runs = Number(Deno.env.get("PROPERTY_RUNS") ?? 10_000);
+      const seed = Number(Deno.env.get("PROPERTY_SEED") ?? Date.now() % 1e9);
+      const random = mulberry32(seed);
+      const log = memoryLog();
+      const pool = poolFor(sshd, log, {}, 8);
+      let checked = 0;
+      try {
+        await pool.ready(AbortSignal.timeout(10_000));
+        const lists = Array.from({ length: runs }, () => randomArgs(random));
+        let next = 0;
+        await Promise.all(Array.from({ length: 8 }, async () => {
+          while (next < lists.length) {
+            const args = lists[next++];
+            const plan = planCommand(
+              "printf '%s\\0'",
+              JSON.stringify({ args }),
+            );
+            assert.ok(plan.ok, `seed ${seed}: ${JSON.stringify(args)}`);
+            const { result, stdout } = await runCollect(
+              pool,
+              `${plan.command}; printf 'END'`,
+            );
+            assert.deepEqual(result, { kind: "exit", code: 0 });
+            const argv = stdout.slice(0, -"END".length).split("\0");
+            argv.pop();
+            // printf with no arguments still prints the format once.
+            const expected = args.length === 0 ? [""] : args;
+            assert.deepEqual(
+              argv,
+              expected,
+              `seed ${seed}: ${JSON.stringify(args)}`,
+            );
+            checked++;
+          }
+        }));
+      } finally {
+        pool.close();
+      }
+      assert.equal(checked, runs);
+      console.log(`property: ${checked} argument lists matched (seed ${seed})`);
+    }),
+});
+
+async function processGone(pid: number, withinMs: number): Promise<boolean> {
+  const deadline = Date.now() + withinMs;
+  while (Date.now() < deadline) {
+    try {
+      await Deno.stat(`/proc/${pid}`);
+    } catch {
+      return true;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return false;
+}
+
+Deno.test({
+  name: "ssh: a command past its timeout is stopped on the remote side",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const pool = poolFor(sshd, memoryLog());
+      try {
+        await pool.ready(AbortSignal.timeout(10_000));
+        const started = Date.now();
+        const pidFile = `${sshd.dir}/pid`;
+        await Deno.chmod(sshd.dir, 0o777);
+        const { result } = await runCollect(
+          pool,
+          `echo $$ > ${pidFile}; exec sleep 30`,
+          { timeoutMs: 300 },
+        );
+        assert.deepEqual(result, { kind: "timeout" });
+        assert.ok(Date.now() - started < 5_000, "stopped promptly");
+        const pid = Number(await Deno.readTextFile(pidFile));
+        assert.ok(
+          await processGone(pid, 3_000),
+          `remote pid ${pid} still runs`,
+        );
+      } finally {
+        pool.close();
+      }
+    }),
+});
+
+Deno.test({
+  name: "ssh: a host key that does not match runs nothing and says why",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const other = `${sshd.dir}/other`;
+      await run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", other]);
+      const otherKey = (await Deno.readTextFile(`${other}.pub`)).split(" ");
+      await Deno.writeTextFile(
+        sshd.knownHostsFile,
+        `[127.0.0.1]:${sshd.port} ${otherKey[0]} ${otherKey[1]}\n`,
+      );
+      const marker = `${sshd.dir}/ran`;
+      const log = memoryLog();
+      const pool = poolFor(sshd, log, {
+        SSH_STRICT_HOST_KEY_CHECKING: "accept-new",
+      });
+      try {
+        await assert.rejects(pool.ready(AbortSignal.timeout(1_500)));
+        const { result } = await runCollect(pool, `touch ${marker}`);
+        assert.equal(result.kind, "ssh-error");
+        await assert.rejects(Deno.stat(marker), Deno.errors.NotFound);
+        assert.match(
+          log.lines.join("\n"),
+          /HOST KEY MISMATCH for \[127\.0\.0\.1\]/,
+        );
+      } finally {
+        pool.close();
+      }
+    }),
+});
+
+Deno.test({
+  name: "ssh: unknown host key refused by default, remembered with accept-new",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      await Deno.writeTextFile(sshd.knownHostsFile, "");
+      const strictLog = memoryLog();
+      const strict = poolFor(sshd, strictLog);
+      try {
+        await assert.rejects(strict.ready(AbortSignal.timeout(1_000)));
+        assert.match(strictLog.lines.join("\n"), /host key of .* is unknown/);
+      } finally {
+        strict.close();
+      }
+      const log = memoryLog();
+      const tofu = poolFor(sshd, log, {
+        SSH_STRICT_HOST_KEY_CHECKING: "accept-new",
+      });
+      try {
+        await tofu.ready(AbortSignal.timeout(10_000));
+        const recorded = await Deno.readTextFile(sshd.knownHostsFile);
+        assert.equal(recorded.trim(), sshd.knownHostsLine);
+        assert.match(log.lines.join("\n"), /new host key ssh-ed25519 SHA256:/);
+      } finally {
+        tofu.close();
+      }
+    }),
+});
+
+Deno.test({
+  name:
+    "ssh: refused, wrong key and dropped connections name host, port, user and cause",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const log = memoryLog();
+      const refused = new SshPool(
+        { ...sshConfigFor(sshd).ssh, port: freePort() },
+        loadSshCredentials(sshConfigFor(sshd).ssh),
+        1,
+        log,
+      );
+      await assert.rejects(refused.ready(AbortSignal.timeout(500)));
+      refused.close();
+      assert.match(
+        log.lines.join("\n"),
+        new RegExp(
+          `${sshd.user}@127\\.0\\.0\\.1:\\d+: cannot connect: connection refused`,
+        ),
+      );
+
+      const stranger = `${sshd.dir}/stranger`;
+      await run("ssh-keygen", [
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        stranger,
+      ]);
+      const authLog = memoryLog();
+      const wrongKey = poolFor(sshd, authLog, { SSH_KEY_FILE: stranger });
+      await assert.rejects(wrongKey.ready(AbortSignal.timeout(1_500)));
+      wrongKey.close();
+      assert.match(authLog.lines.join("\n"), /authentication failed/);
+
+      const pool = poolFor(sshd, memoryLog());
+      try {
+        await pool.ready(AbortSignal.timeout(10_000));
+        const running = runCollect(pool, "sleep 20");
+        await new Promise((r) => setTimeout(r, 300));
+        killChildren(sshd.pid);
+        const { result } = await running;
+        assert.equal(result.kind, "ssh-error");
+        if (result.kind === "ssh-error") assert.match(result.error, /dropped/);
+      } finally {
+        pool.close();
+      }
+    }),
+});

@@ -1,0 +1,250 @@
+/**
+ * Test fixture: a real OpenSSH sshd on a loopback port, with its own host key,
+ * one authorized client key and a known_hosts file naming it. Used by the tests
+ * and the bench; every sshd started here is stopped by its `stop()`.
+ */
+
+const SSHD = "/usr/sbin/sshd";
+
+export interface Sshd {
+  host: string;
+  port: number;
+  user: string;
+  dir: string;
+  clientKeyFile: string;
+  knownHostsFile: string;
+  /** The known_hosts line for this server, for tests that write their own. */
+  knownHostsLine: string;
+  pid: number;
+  stop(): Promise<void>;
+}
+
+/** Why sshd tests cannot run here, or undefined when they can. */
+export function sshdMissing(): string | undefined {
+  for (const tool of [SSHD, "/usr/bin/ssh-keygen"]) {
+    try {
+      Deno.statSync(tool);
+    } catch {
+      return `${tool} not found (apt-get install openssh-server)`;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Test options for something that needs a tool: skipped with a printed reason
+ * when the tool is missing, but run (and so failing) under CI=true.
+ */
+export function needs(missing: string | undefined, what: string) {
+  const skip = missing !== undefined && Deno.env.get("CI") !== "true";
+  if (skip) console.log(`SKIP ${what}: ${missing}`);
+  return { ignore: skip };
+}
+
+export async function run(
+  cmd: string,
+  args: string[],
+  options: { stdin?: string } = {},
+): Promise<string> {
+  const child = new Deno.Command(cmd, {
+    args,
+    stdin: options.stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (options.stdin !== undefined) {
+    const writer = child.stdin.getWriter();
+    await writer.write(new TextEncoder().encode(options.stdin));
+    await writer.close();
+  }
+  const out = await child.output();
+  const text = new TextDecoder().decode(out.stdout);
+  if (!out.success) {
+    throw new Error(
+      `${cmd} ${args.join(" ")} failed (${out.code}): ${
+        new TextDecoder().decode(out.stderr)
+      }`,
+    );
+  }
+  return text;
+}
+
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+/** The dedicated account for tests and the bench when running as root. */
+export const TEST_USER = "tasks-ssh";
+
+/**
+ * The account remote commands run as: as root, a dedicated user whose shell is
+ * /bin/sh (root's rc files here cost ~100 ms a command); otherwise the current user.
+ */
+export async function sshUser(): Promise<string> {
+  if (Deno.uid() !== 0) return currentUser();
+  const known = await new Deno.Command("id", { args: [TEST_USER] }).output();
+  if (!known.success) {
+    await run("useradd", ["--create-home", "--shell", "/bin/sh", TEST_USER]);
+  }
+  // A locked account ("!") cannot log in when sshd runs without PAM.
+  await run("usermod", ["--password", "*", TEST_USER]);
+  return TEST_USER;
+}
+
+export function currentUser(): string {
+  return Deno.env.get("USER") ?? Deno.env.get("LOGNAME") ??
+    new TextDecoder().decode(
+      new Deno.Command("id", { args: ["-un"] }).outputSync().stdout,
+    ).trim();
+}
+
+/** Ends sshd's per-connection processes (and theirs), which outlive the listener. */
+export function killChildren(pid: number, signal: Deno.Signal = "SIGKILL") {
+  const parents = new Map<number, number>();
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      parents.set(Number(entry.name), ppid);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  const isDescendant = (p: number): boolean => {
+    for (let up = parents.get(p); up !== undefined; up = parents.get(up)) {
+      if (up === pid) return true;
+    }
+    return false;
+  };
+  for (const p of parents.keys()) {
+    if (!isDescendant(p)) continue;
+    try {
+      Deno.kill(p, signal);
+    } catch {
+      // gone meanwhile
+    }
+  }
+}
+
+async function keygen(path: string, type = "ed25519"): Promise<string> {
+  await run("ssh-keygen", [
+    "-q",
+    "-t",
+    type,
+    "-N",
+    "",
+    "-C",
+    "test",
+    "-f",
+    path,
+  ]);
+  return (await Deno.readTextFile(`${path}.pub`)).trim();
+}
+
+async function waitForBanner(port: number, sshd: Deno.ChildProcess) {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    try {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      const buf = new Uint8Array(64);
+      const n = await conn.read(buf);
+      conn.close();
+      if (
+        n && new TextDecoder().decode(buf.subarray(0, n)).startsWith("SSH-")
+      ) {
+        return;
+      }
+    } catch {
+      // not listening yet
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  sshd.kill("SIGKILL");
+  await sshd.status;
+  throw new Error(`sshd did not answer on 127.0.0.1:${port} within 10 s`);
+}
+
+export interface SshdOptions {
+  /** The account commands run as; default sshUser(). */
+  user?: string;
+  /** Extra sshd_config lines. */
+  config?: string[];
+  /** Reuse a directory (host key, client key) from an earlier start. */
+  dir?: string;
+  port?: number;
+}
+
+/** Starts sshd on 127.0.0.1 with a fresh host key and client key. */
+export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
+  const missing = sshdMissing();
+  if (missing) throw new Error(missing);
+  const user = options.user ?? await sshUser();
+  const dir = options.dir ?? await Deno.makeTempDir({ prefix: "tasks-sshd-" });
+  // sshd reads authorized_keys as the target user: the folder must be searchable.
+  await Deno.chmod(dir, 0o755);
+  const hostKey = `${dir}/host_ed25519`;
+  const clientKey = `${dir}/client_ed25519`;
+  let hostPub: string;
+  try {
+    hostPub = (await Deno.readTextFile(`${hostKey}.pub`)).trim();
+  } catch {
+    hostPub = await keygen(hostKey);
+    await Deno.writeTextFile(`${dir}/authorized_keys`, await keygen(clientKey));
+    await Deno.chmod(`${dir}/authorized_keys`, 0o644);
+  }
+  if (Deno.uid() === 0) await Deno.mkdir("/run/sshd", { recursive: true });
+  const port = options.port ?? freePort();
+  const [keyType, keyBase64] = hostPub.split(" ");
+  const knownHostsLine = `[127.0.0.1]:${port} ${keyType} ${keyBase64}`;
+  const knownHostsFile = `${dir}/known_hosts`;
+  await Deno.writeTextFile(knownHostsFile, knownHostsLine + "\n");
+  const config = [
+    `ListenAddress 127.0.0.1:${port}`,
+    `HostKey ${hostKey}`,
+    `AuthorizedKeysFile ${dir}/authorized_keys`,
+    `PidFile ${dir}/sshd.pid`,
+    `AllowUsers ${user}`,
+    "PasswordAuthentication no",
+    "KbdInteractiveAuthentication no",
+    "UsePAM no",
+    "StrictModes no",
+    "PermitRootLogin prohibit-password",
+    "MaxStartups 100:30:200",
+    "LogLevel ERROR",
+    ...(options.config ?? []),
+  ];
+  await Deno.writeTextFile(`${dir}/sshd_config`, config.join("\n") + "\n");
+  const child = new Deno.Command(SSHD, {
+    args: ["-D", "-e", "-f", `${dir}/sshd_config`],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await waitForBanner(port, child);
+  let stopped = false;
+  return {
+    pid: child.pid,
+    host: "127.0.0.1",
+    port,
+    user,
+    dir,
+    clientKeyFile: clientKey,
+    knownHostsFile,
+    knownHostsLine,
+    async stop() {
+      if (stopped) return;
+      stopped = true;
+      killChildren(child.pid);
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // already gone
+      }
+      await child.status;
+    },
+  };
+}
