@@ -263,7 +263,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   const queue: QueueConfig = {
     baseUrl: `${scheme}://${bracketIPv6(host ?? "127.0.0.1")}:${port}`,
     projectId,
-    token,
+    token: token ?? embeddedOptions?.token,
     queueName,
   };
 
@@ -1327,6 +1327,8 @@ export interface WorkerDeps {
   log: Log;
   clock: Clock;
   random?: () => number;
+  /** How often a running message's reservation is extended; default half of it. */
+  touchIntervalMs?: number;
 }
 
 /** Splits a byte stream into lines for the log; a very long line is cut into pieces. */
@@ -1748,7 +1750,7 @@ export class Worker {
           }); another worker may run it too`,
         );
       }
-    }, timeout * 500);
+    }, this.deps.touchIntervalMs ?? timeout * 500);
     return { stop: () => clearInterval(timer) };
   }
 
@@ -1875,10 +1877,14 @@ export class Worker {
 // Entry point
 // ---------------------------------------------------------------------------
 
+/** The curl line that posts a test message; a token is shown as $MQ_TOKEN, never its value. */
 export function curlExample(queue: QueueConfig): string {
   const url =
     `${queue.baseUrl}/3/projects/${queue.projectId}/queues/${queue.queueName}/messages`;
-  return `curl -sS -X POST -H 'Content-Type: application/json' -d '{"messages":[{"body":"hello world!"}]}' ${url}`;
+  const auth = queue.token === undefined
+    ? ""
+    : ` -H "Authorization: OAuth $MQ_TOKEN"`;
+  return `curl -sS -X POST -H 'Content-Type: application/json'${auth} -d '{"messages":[{"body":"hello world!"}]}' ${url}`;
 }
 
 function configContext(env: Env): ConfigContext {

@@ -4,6 +4,7 @@ import { createHmac } from "node:crypto";
 import {
   backoffMs,
   checkHostKey,
+  type CommandRunner,
   type Config,
   type ConfigContext,
   ConfigError,
@@ -11,6 +12,7 @@ import {
   fingerprint,
   formatRecord,
   hostFieldMatches,
+  IronMqClient,
   keyTypeOfBlob,
   knownKeyAlgorithms,
   LineSplitter,
@@ -19,10 +21,22 @@ import {
   parseConfig,
   parseKnownHosts,
   planCommand,
+  type QueueConfig,
+  realClock,
   retryDelaySeconds,
+  type RunIo,
+  type RunResult,
   shellQuote,
   SshPool,
+  type TaskConfig,
+  Worker,
+  type WorkerDeps,
 } from "./tasks.ts";
+import {
+  type QueueServer,
+  type QueueServerOptions,
+  startQueueServer,
+} from "./mq_server.ts";
 import {
   freePort,
   killChildren,
@@ -765,5 +779,482 @@ Deno.test({
       } finally {
         pool.close();
       }
+    }),
+});
+
+// ---------------------------------------------------------------------------
+// The worker loop against the embedded queue server over real HTTP
+// ---------------------------------------------------------------------------
+
+type Script = (
+  command: string,
+  io: RunIo,
+) => Promise<RunResult>;
+
+/** A CommandRunner that records commands and answers from a script. */
+class FakeRunner implements CommandRunner {
+  readonly commands: string[] = [];
+  constructor(private readonly script: Script) {}
+  ready(): Promise<void> {
+    return Promise.resolve();
+  }
+  run(command: string, io: RunIo): Promise<RunResult> {
+    this.commands.push(command);
+    return this.script(command, io);
+  }
+  close(): void {}
+}
+
+const exit = (code: number): Promise<RunResult> =>
+  Promise.resolve({ kind: "exit", code });
+
+/** Waits for `cond` to hold, polling; fails after `ms`. */
+async function until(
+  what: string,
+  cond: () => boolean | Promise<boolean>,
+  ms = 10_000,
+): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting: ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+interface Harness {
+  server: QueueServer;
+  queue: IronMqClient;
+  log: Log & { lines: string[] };
+  api(method: string, path: string, body?: unknown): Promise<Json>;
+  post(...bodies: string[]): Promise<string[]>;
+  info(queue?: string): Promise<{ size: number; total_messages: number }>;
+  peek(
+    queue: string,
+  ): Promise<{ id: string; body: string; reserved_count: number }[]>;
+  close(): Promise<void>;
+}
+
+type Json = Record<string, unknown>;
+
+async function harness(
+  serverOptions: QueueServerOptions = {},
+): Promise<Harness> {
+  const server = await startQueueServer({
+    port: 0,
+    dbPath: ":memory:",
+    ...serverOptions,
+  });
+  const config: QueueConfig = {
+    baseUrl: server.url,
+    projectId: "test",
+    queueName: "jobs",
+  };
+  const queue = new IronMqClient(config);
+  const api = async (method: string, path: string, body?: unknown) => {
+    const response = await fetch(`${server.url}/3/projects/test${path}`, {
+      method,
+      headers: { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    return await response.json() as Json;
+  };
+  return {
+    server,
+    queue,
+    log: memoryLog(),
+    api,
+    post: (...bodies) => queue.post("jobs", bodies),
+    info: async (name = "jobs") =>
+      (await api("GET", `/queues/${name}`)).queue as {
+        size: number;
+        total_messages: number;
+      },
+    peek: async (name) =>
+      ((await api("GET", `/queues/${name}/messages?n=100`)).messages ??
+        []) as { id: string; body: string; reserved_count: number }[],
+    close: () => server.close(),
+  };
+}
+
+function taskConfig(overrides: Partial<TaskConfig> = {}): TaskConfig {
+  return {
+    command: "run-it",
+    concurrency: 4,
+    timeoutMs: 0,
+    maxAttempts: 3,
+    retryDelaySeconds: 0,
+    deadLetterQueue: "jobs_failed",
+    reservationTimeoutSeconds: 30,
+    pollWaitSeconds: 1,
+    shutdownGraceMs: 2_000,
+    ...overrides,
+  };
+}
+
+/** Starts a worker; `stop()` signals it and waits for a clean end. */
+function startWorker(
+  h: Harness,
+  runner: CommandRunner,
+  task: Partial<TaskConfig> = {},
+  deps: Partial<WorkerDeps> = {},
+) {
+  const worker = new Worker(
+    taskConfig(task),
+    { queue: h.queue, runner, log: h.log, clock: realClock, ...deps },
+    "203.0.113.9",
+    "jobs",
+  );
+  const controller = new AbortController();
+  const done = worker.run(controller.signal);
+  return {
+    worker,
+    stop: async () => {
+      controller.abort();
+      await done;
+    },
+  };
+}
+
+Deno.test("worker: runs each message, logs like Fabric, then deletes it", async () => {
+  const h = await harness();
+  const runner = new FakeRunner((_, io) => {
+    io.onStdout(new TextEncoder().encode("CentOS release 6.4\n"));
+    io.onStderr(new TextEncoder().encode("warning: x\n"));
+    return exit(0);
+  });
+  const w = startWorker(h, runner);
+  try {
+    await h.post("hello world!", JSON.stringify({ args: ["a", "b c"] }));
+    await until("queue drained", async () => (await h.info()).size === 0);
+    await until("both ran", () => runner.commands.length === 2);
+  } finally {
+    await w.stop();
+    await h.close();
+  }
+  assert.deepEqual(runner.commands.sort(), ["run-it", "run-it a 'b c'"]);
+  const log = h.log.lines.join("\n");
+  assert.match(log, /^\[203\.0\.113\.9\] run: run-it$/m);
+  assert.match(log, /^\[203\.0\.113\.9\] out: CentOS release 6\.4$/m);
+  assert.match(log, /^\[203\.0\.113\.9\] err: warning: x$/m);
+  assert.match(log, /^\[203\.0\.113\.9\] exit: 0 /m);
+});
+
+Deno.test("worker: a failing command is released and retried, then dead-lettered with its record", async () => {
+  const h = await harness();
+  const runner = new FakeRunner((_, io) => {
+    io.onStderr(new TextEncoder().encode("disk full\n"));
+    return exit(3);
+  });
+  const w = startWorker(h, runner, { maxAttempts: 3 });
+  let id: string;
+  try {
+    [id] = await h.post("hello world!");
+    await until(
+      "dead-lettered",
+      async () => (await h.peek("jobs_failed")).length === 1,
+    );
+    await until("source empty", async () => (await h.info()).size === 0);
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 3, "ran once per attempt");
+    const [dead] = await h.peek("jobs_failed");
+    const record = JSON.parse(dead.body);
+    assert.equal(record.id, id);
+    assert.equal(record.body, "hello world!");
+    assert.equal(record.attempts, 3);
+    assert.equal(record.exit_status, 3);
+    assert.equal(record.stderr_tail, "disk full\n");
+    assert.equal(record.queue, "jobs");
+    assert.match(
+      h.log.lines.join("\n"),
+      /released for a retry in 0 s \(exit status 3, attempt 1 of 3\)/,
+    );
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: a body whose args are invalid runs nothing and goes to the dead-letter queue at once", async () => {
+  const h = await harness();
+  const runner = new FakeRunner(() => exit(0));
+  const w = startWorker(h, runner);
+  try {
+    await h.post(JSON.stringify({ args: ["ok", 5] }));
+    await until(
+      "dead-lettered",
+      async () => (await h.peek("jobs_failed")).length === 1,
+    );
+    await until("source empty", async () => (await h.info()).size === 0);
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 0);
+    const record = JSON.parse((await h.peek("jobs_failed"))[0].body);
+    assert.match(record.reason, /"args"\[1\] is number/);
+    assert.equal(record.attempts, 1);
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: SSH failures release the message and never dead-letter it", async () => {
+  const h = await harness();
+  const runner = new FakeRunner(() =>
+    Promise.resolve({ kind: "ssh-error", error: "connection refused" })
+  );
+  const w = startWorker(h, runner, { maxAttempts: 1 });
+  try {
+    await h.post("x");
+    await until("tried twice", () => runner.commands.length >= 2);
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal((await h.peek("jobs_failed")).length, 0);
+    assert.equal((await h.info()).size, 1, "still in the queue");
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: on stop, a command that outlives the grace period is stopped and its message released", async () => {
+  const h = await harness();
+  let started = 0;
+  const runner = new FakeRunner((command, io) => {
+    started++;
+    if (command.endsWith("quick")) {
+      return new Promise((resolve) =>
+        setTimeout(() => resolve({ kind: "exit", code: 0 }), 300)
+      );
+    }
+    return new Promise((resolve) =>
+      io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
+    );
+  });
+  const w = startWorker(h, runner, { shutdownGraceMs: 800 });
+  await h.post(
+    JSON.stringify({ args: ["slow"] }),
+    JSON.stringify({ args: ["quick"] }),
+  );
+  await until("both started", () => started === 2);
+  const stopping = Date.now();
+  await w.stop();
+  const took = Date.now() - stopping;
+  try {
+    assert.ok(took >= 700 && took < 3_000, `stop took ${took} ms`);
+    const left = await h.peek("jobs");
+    assert.equal(
+      left.length,
+      1,
+      "the quick one was deleted, the slow one kept",
+    );
+    assert.deepEqual(JSON.parse(left[0].body), { args: ["slow"] });
+    // Released, not left reserved: it can be reserved again right away.
+    const again = await h.queue.reserve(1, 30, 0);
+    assert.equal(again.length, 1);
+    assert.match(
+      h.log.lines.join("\n"),
+      /released for a retry in 0 s \(stopped by shutdown\)/,
+    );
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: a command longer than its reservation keeps it by touching", async () => {
+  // The server's clock runs 20 times faster: its 30 s reservation lasts 1.5 s here.
+  const t0 = Date.now();
+  const h = await harness({ now: () => t0 + (Date.now() - t0) * 20 });
+  let release: () => void = () => {};
+  const runner = new FakeRunner(() =>
+    new Promise((resolve) => {
+      release = () => resolve({ kind: "exit", code: 0 });
+    })
+  );
+  const w = startWorker(h, runner, {}, { touchIntervalMs: 400 });
+  try {
+    await h.post("long");
+    await until("started", () => runner.commands.length === 1);
+    await new Promise((r) => setTimeout(r, 4_000)); // 80 s of server time
+    const other = await h.queue.reserve(1, 30, 0);
+    assert.equal(other.length, 0, "no other reserver got it while it ran");
+    release();
+    await until("deleted", async () => (await h.info()).size === 0);
+  } finally {
+    await w.stop();
+    await h.close();
+  }
+  assert.equal(runner.commands.length, 1, "ran once");
+});
+
+// ---------------------------------------------------------------------------
+// End to end: `deno task start`, the curl line it logs, a real sshd
+// ---------------------------------------------------------------------------
+
+/** A child process whose stdout lines are collected as they come. */
+function spawnCollecting(
+  cmd: string,
+  args: string[],
+  env: Record<string, string>,
+  cwd = new URL(".", import.meta.url).pathname,
+) {
+  const child = new Deno.Command(cmd, {
+    args,
+    env,
+    cwd,
+    clearEnv: true,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const lines: string[] = [];
+  const collect = async (stream: ReadableStream<Uint8Array>) => {
+    const splitter = new LineSplitter((l) => lines.push(l));
+    for await (const chunk of stream) splitter.push(chunk);
+    splitter.end();
+  };
+  const drained = Promise.all([
+    collect(child.stdout),
+    collect(child.stderr),
+  ]);
+  return {
+    child,
+    lines,
+    /** Waits for a line matching `pattern` and returns it. */
+    async line(pattern: RegExp, ms = 30_000): Promise<string> {
+      let found: string | undefined;
+      await until(
+        `a line matching ${pattern}\n${lines.join("\n")}`,
+        () => (found = lines.find((l) => pattern.test(l))) !== undefined,
+        ms,
+      );
+      return found!;
+    },
+    async stop(): Promise<Deno.CommandStatus> {
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // already ended
+      }
+      const status = await child.status;
+      await drained;
+      return status;
+    },
+  };
+}
+
+/** A remote command that records its argv (NUL-separated) in a new file in `dir`. */
+async function recorder(dir: string): Promise<string> {
+  const path = `${dir}/record.sh`;
+  await Deno.writeTextFile(
+    path,
+    `#!/bin/sh\nf=$(mktemp "${dir}/argv.XXXXXX")\nfor a in "$@"; do printf '%s\\0' "$a"; done > "$f"\necho "ran with $# args"\n`,
+  );
+  await Deno.chmod(path, 0o755);
+  await Deno.chmod(dir, 0o777);
+  return path;
+}
+
+async function recorded(dir: string): Promise<string[][]> {
+  const runs: string[][] = [];
+  for await (const entry of Deno.readDir(dir)) {
+    if (!entry.name.startsWith("argv.")) continue;
+    const parts = (await Deno.readTextFile(`${dir}/${entry.name}`)).split("\0");
+    parts.pop();
+    runs.push(parts);
+  }
+  return runs;
+}
+
+function workerEnv(sshd: Sshd, extra: Record<string, string>) {
+  return {
+    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+    HOME: sshd.dir,
+    DENO_DIR: Deno.env.get("DENO_DIR") ??
+      `${Deno.env.get("HOME")}/.cache/deno`,
+    SSH_HOST: sshd.host,
+    SSH_PORT: String(sshd.port),
+    SSH_USER: sshd.user,
+    SSH_KEY_FILE: sshd.clientKeyFile,
+    SSH_KNOWN_HOSTS: sshd.knownHostsFile,
+    MQ_DB: ":memory:",
+    MQ_PORT: String(freePort()),
+    ...extra,
+  };
+}
+
+Deno.test({
+  name:
+    "end to end: deno task start, the curl line it logs, hostile args, delete, SIGTERM",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const command = await recorder(sshd.dir);
+      const worker = spawnCollecting(
+        "deno",
+        ["task", "start"],
+        workerEnv(sshd, { TASK_COMMAND: command }),
+      );
+      let status: Deno.CommandStatus | undefined;
+      try {
+        const curlLine = (await worker.line(/post a test message: curl /))
+          .replace(/^.*post a test message: /, "");
+        const posted = await run("sh", ["-c", curlLine]);
+        assert.match(posted, /"ids":\["\d+"\]/);
+        await until("the first run", async () =>
+          (await recorded(sshd.dir)).length === 1);
+        assert.deepEqual(await recorded(sshd.dir), [[]]);
+        await worker.line(/^\[127\.0\.0\.1\] out: ran with 0 args$/);
+
+        const hostile = [
+          "it's",
+          "$(touch /tmp/pwned)",
+          "`id`",
+          "; rm -rf /",
+          "a\nb",
+          "",
+          '"q"',
+          "\\",
+        ];
+        const bodyFile = `${sshd.dir}/body.json`;
+        await Deno.writeTextFile(
+          bodyFile,
+          JSON.stringify({
+            messages: [{ body: JSON.stringify({ args: hostile }) }],
+          }),
+        );
+        await run("sh", [
+          "-c",
+          curlLine.replace(/-d '[^']*'/, `-d @${bodyFile}`),
+        ]);
+        await until("the second run", async () =>
+          (await recorded(sshd.dir)).length === 2);
+        const runs = await recorded(sshd.dir);
+        assert.ok(
+          runs.some((argv) =>
+            JSON.stringify(argv) === JSON.stringify(hostile)
+          ),
+          JSON.stringify(runs),
+        );
+        await worker.line(/^\[127\.0\.0\.1\] out: ran with 8 args$/);
+        const url = curlLine.split(" ").at(-1)!.replace(/\/messages$/, "");
+        await until("both deleted", async () => {
+          const info = await (await fetch(url)).json();
+          return info.queue.size === 0 && info.queue.total_messages === 2;
+        });
+        await assert.rejects(Deno.stat("/tmp/pwned"), Deno.errors.NotFound);
+      } finally {
+        status = await worker.stop();
+      }
+      const log = worker.lines.join("\n");
+      assert.equal(status.code, 0, log);
+      assert.match(
+        log,
+        new RegExp(`^\\[127\\.0\\.0\\.1\\] run: ${command}$`, "m"),
+      );
+      assert.match(log, /^stopped$/m);
     }),
 });
