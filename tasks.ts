@@ -957,6 +957,7 @@ export class SshPool implements CommandRunner {
   private readonly connections: Connection[] = [];
   private readonly maxConnections: number;
   private connecting?: Promise<Connection>;
+  private readonly slotWaiters: (() => void)[] = [];
   private failures = 0;
   private nextAttemptAt = 0;
   private closed = false;
@@ -995,15 +996,15 @@ export class SshPool implements CommandRunner {
   async run(command: string, io: RunIo): Promise<RunResult> {
     let connection: Connection;
     try {
-      connection = await this.pick();
+      connection = await this.acquire();
     } catch (e) {
       return { kind: "ssh-error", error: errorText(e) };
     }
-    connection.active++;
     try {
       return await this.exec(connection, command, io);
     } finally {
       connection.active--;
+      this.slotWaiters.shift()?.();
     }
   }
 
@@ -1011,29 +1012,51 @@ export class SshPool implements CommandRunner {
     this.closed = true;
     for (const c of this.connections) c.client.end();
     this.connections.length = 0;
+    for (const wake of this.slotWaiters.splice(0)) wake();
   }
 
-  /** The least busy open connection with a free channel, or a new one. */
-  private async pick(): Promise<Connection> {
-    const open = this.connections.filter((c) => !c.closed);
-    const best = open.reduce<Connection | undefined>(
-      (a, c) => (a === undefined || c.active < a.active ? c : a),
-      undefined,
-    );
-    if (
-      best !== undefined &&
-      (best.active < this.ssh.channelsPerConnection ||
-        open.length >= this.maxConnections)
-    ) {
-      return best;
+  /**
+   * Takes a channel slot on the least busy open connection, opening another
+   * connection when all are full. The slot is taken synchronously, so callers
+   * running at once never crowd one connection past its channel limit.
+   */
+  private async acquire(): Promise<Connection> {
+    for (;;) {
+      if (this.closed) throw new Error("SSH pool is closed");
+      const open = this.connections.filter((c) => !c.closed);
+      const free = open
+        .filter((c) => c.active < this.ssh.channelsPerConnection)
+        .sort((a, b) => a.active - b.active)[0];
+      if (free !== undefined) {
+        free.active++;
+        return free;
+      }
+      const mayOpen = open.length === 0 ||
+        (open.length < this.maxConnections &&
+          this.clock.now() >= this.nextAttemptAt);
+      if (mayOpen) {
+        try {
+          await this.connect();
+        } catch (e) {
+          if (open.length === 0) throw e;
+        }
+        continue;
+      }
+      await new Promise<void>((wake) => this.slotWaiters.push(wake));
     }
-    if (this.clock.now() < this.nextAttemptAt && best !== undefined) {
-      return best;
-    }
-    return await this.connect();
   }
 
   private connect(): Promise<Connection> {
+    const wait = this.nextAttemptAt - this.clock.now();
+    if (this.connecting === undefined && wait > 0) {
+      return Promise.reject(
+        new Error(
+          `not connected to ${this.where}; next attempt in ${
+            Math.ceil(wait / 1000)
+          } s`,
+        ),
+      );
+    }
     this.connecting ??= this.openConnection().then(
       (c) => {
         this.failures = 0;
@@ -1108,6 +1131,7 @@ export class SshPool implements CommandRunner {
         connection.closed = true;
         const i = this.connections.indexOf(connection);
         if (i >= 0) this.connections.splice(i, 1);
+        for (const wake of this.slotWaiters.splice(0)) wake();
         if (!settled) {
           settled = true;
           reject(
