@@ -207,6 +207,8 @@ class EnvReader {
 }
 
 const DEFAULT_KEY_FILES = ["id_ed25519", "id_ecdsa", "id_rsa"];
+/** Iron.io's default host, as its official clients use when given only a token. */
+const DEFAULT_IRON_HOST = "mq-aws-us-east-1-1.iron.io";
 
 /** Pure: environment plus context in, validated configuration (or ConfigError) out. */
 export function parseConfig(env: Env, context: ConfigContext): Config {
@@ -261,7 +263,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     }
   }
   const queue: QueueConfig = {
-    baseUrl: `${scheme}://${bracketIPv6(host ?? "127.0.0.1")}:${port}`,
+    baseUrl: `${scheme}://${bracketIPv6(host ?? DEFAULT_IRON_HOST)}:${port}`,
     projectId,
     token: token ?? embeddedOptions?.token,
     queueName,
@@ -1911,15 +1913,21 @@ export function curlExample(queue: QueueConfig): string {
   return `curl -sS -X POST -H 'Content-Type: application/json'${auth} -d '{"messages":[{"body":"hello world!"}]}' ${url}`;
 }
 
+/** HOME and the user name from the environment, else from the system (chpst sets neither). */
 function configContext(env: Env): ConfigContext {
-  const home = env.HOME ?? "/root";
-  let user = env.USER ?? env.LOGNAME;
-  if (user === undefined) {
-    try {
-      user = userInfo().username;
-    } catch {
-      user = "root";
-    }
+  let account: { username: string; homedir: string } | undefined;
+  const system = () => (account ??= userInfo());
+  let home: string;
+  let user: string;
+  try {
+    home = env.HOME ?? system().homedir;
+    user = env.USER ?? env.LOGNAME ?? system().username;
+  } catch (e) {
+    throw new ConfigError([
+      `HOME/USER: not set and the system's account cannot be read (${
+        errorText(e)
+      }): set HOME and USER (or SSH_USER)`,
+    ]);
   }
   return {
     home,
@@ -1933,6 +1941,72 @@ function configContext(env: Env): ConfigContext {
       }
     },
   };
+}
+
+/** The iron.json files the configuration may read, found or not. */
+export function ironJsonPaths(cwd: string, home: string): string[] {
+  return [cwd, home].flatMap((dir) =>
+    ["iron.json", ".iron.json"].map((name) => `${dir}/${name}`)
+  );
+}
+
+/**
+ * Deno flags granting the worker only what this configuration needs: the queue
+ * and SSH addresses, the key, known_hosts, iron.json and the embedded database.
+ */
+export function permissionFlags(
+  config: Config,
+  configPaths: string[],
+  needsUserInfo: boolean,
+): string[] {
+  const net = new Set<string>();
+  const read = new Set<string>(configPaths);
+  const write = new Set<string>();
+  if (config.embedded) {
+    const host = bracketIPv6(config.embedded.hostname ?? "127.0.0.1");
+    const port = config.embedded.port ?? 8080;
+    net.add(port === 0 ? host : `${host}:${port}`);
+    const db = config.embedded.dbPath ?? "ironmq.sqlite";
+    if (db !== ":memory:") {
+      for (const suffix of ["", "-wal", "-shm", "-journal"]) {
+        read.add(db + suffix);
+        write.add(db + suffix);
+      }
+    }
+  } else {
+    const url = new URL(config.queue.baseUrl);
+    net.add(
+      `${url.hostname}:${url.port || (url.protocol === "https:" ? 443 : 80)}`,
+    );
+  }
+  net.add(`${bracketIPv6(config.ssh.host)}:${config.ssh.port}`);
+  read.add(config.ssh.knownHostsFile);
+  if (config.ssh.strictHostKeyChecking === "accept-new") {
+    write.add(config.ssh.knownHostsFile);
+  }
+  if (config.ssh.keyFile !== undefined) read.add(config.ssh.keyFile);
+  if (config.ssh.agentSocket !== undefined) {
+    read.add(config.ssh.agentSocket);
+    write.add(config.ssh.agentSocket);
+  }
+  const unusable = [...net, ...read, ...write].filter((p) => /[\s,]/.test(p));
+  if (unusable.length > 0) {
+    throw new ConfigError(
+      unusable.map((p) =>
+        `${
+          JSON.stringify(p)
+        }: a path or host with a space or comma cannot be granted to Deno; move or rename it`
+      ),
+    );
+  }
+  const flags = [
+    "--allow-env",
+    `--allow-net=${[...net].join(",")}`,
+    `--allow-read=${[...read].join(",")}`,
+  ];
+  if (write.size > 0) flags.push(`--allow-write=${[...write].join(",")}`);
+  if (needsUserInfo) flags.push("--allow-sys=uid,gid,userInfo");
+  return flags;
 }
 
 /** Starts everything from the environment; resolves to the exit code. */
@@ -2012,7 +2086,32 @@ export async function main(
   return 0;
 }
 
-if (import.meta.main) Deno.exit(await main());
+/** `tasks.ts --permissions`: print the flags for `deno run` (see ./start). */
+function printPermissions(env: Env): number {
+  try {
+    const context = configContext(env);
+    const config = parseConfig(env, context);
+    const flags = permissionFlags(
+      config,
+      ironJsonPaths(Deno.cwd(), context.home),
+      env.USER === undefined && env.LOGNAME === undefined ||
+        env.HOME === undefined,
+    );
+    console.log(flags.join(" "));
+    return 0;
+  } catch (e) {
+    console.error(`FATAL ${errorText(e).replaceAll("\n", "\n  ")}`);
+    return 2;
+  }
+}
+
+if (import.meta.main) {
+  Deno.exit(
+    Deno.args.includes("--permissions")
+      ? printPermissions(Deno.env.toObject())
+      : await main(),
+  );
+}
 
 // ---------------------------------------------------------------------------
 // Small helpers

@@ -9,6 +9,7 @@ import {
   type ConfigContext,
   ConfigError,
   type Env,
+  errorText,
   fingerprint,
   formatRecord,
   hostFieldMatches,
@@ -20,6 +21,7 @@ import {
   type Log,
   parseConfig,
   parseKnownHosts,
+  permissionFlags,
   planCommand,
   type QueueConfig,
   realClock,
@@ -1299,6 +1301,7 @@ Deno.test({
         const file of [
           "run",
           "log/run",
+          "start",
           "tasks.ts",
           "mq_server.ts",
           "deno.json",
@@ -1335,14 +1338,18 @@ Deno.test({
         Deno.readTextFile(`${logDir}/current`).catch(() => "");
       const logLine = async (pattern: RegExp, ms = 30_000) => {
         let found: string | undefined;
-        await until(
-          `svlogd line ${pattern} in ${logDir}/current:\n${await current()}`,
-          async () =>
-            (found = (await current()).split("\n").find((l) =>
-              pattern.test(l)
-            )) !== undefined,
-          ms,
-        );
+        try {
+          await until(
+            `svlogd line ${pattern} in ${logDir}/current`,
+            async () =>
+              (found = (await current()).split("\n").find((l) =>
+                pattern.test(l)
+              )) !== undefined,
+            ms,
+          );
+        } catch (e) {
+          throw new Error(`${errorText(e)}; it holds:\n${await current()}`);
+        }
         return found!;
       };
       try {
@@ -1396,4 +1403,39 @@ Deno.test({
         await Deno.remove(logDir, { recursive: true }).catch(() => {});
       }
     }),
+});
+
+Deno.test("permissions: only the configured hosts and files are granted", () => {
+  const embedded = parseConfig(
+    { MQ_DB: "/var/lib/tasks/q.sqlite", SSH_HOST: "10.1.1.73" },
+    context(),
+  );
+  assert.deepEqual(permissionFlags(embedded, ["/srv/iron.json"], false), [
+    "--allow-env",
+    "--allow-net=127.0.0.1:8080,10.1.1.73:22",
+    "--allow-read=/srv/iron.json,/var/lib/tasks/q.sqlite,/var/lib/tasks/q.sqlite-wal,/var/lib/tasks/q.sqlite-shm,/var/lib/tasks/q.sqlite-journal,/home/op/.ssh/known_hosts,/home/op/.ssh/id_ed25519",
+    "--allow-write=/var/lib/tasks/q.sqlite,/var/lib/tasks/q.sqlite-wal,/var/lib/tasks/q.sqlite-shm,/var/lib/tasks/q.sqlite-journal",
+  ]);
+  const hosted = parseConfig(
+    {
+      IRON_TOKEN: "t0ken-value",
+      IRON_PROJECT_ID: "p1",
+      SSH_HOST: "::1",
+      SSH_PORT: "2222",
+      SSH_STRICT_HOST_KEY_CHECKING: "accept-new",
+      SSH_KEY_FILE: "/keys/worker",
+    },
+    context(),
+  );
+  const flags = permissionFlags(hosted, [], true);
+  assert.deepEqual(flags, [
+    "--allow-env",
+    "--allow-net=mq-aws-us-east-1-1.iron.io:443,[::1]:2222",
+    "--allow-read=/home/op/.ssh/known_hosts,/keys/worker",
+    "--allow-write=/home/op/.ssh/known_hosts",
+    "--allow-sys=uid,gid,userInfo",
+  ]);
+  assert.ok(!flags.join(" ").includes("t0ken-value"));
+  const spaced = parseConfig({ SSH_KEY_FILE: "/my keys/id" }, context());
+  assert.throws(() => permissionFlags(spaced, [], false), /space or comma/);
 });
