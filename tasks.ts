@@ -322,8 +322,9 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     retryDelaySeconds: read.integer("TASK_RETRY_DELAY", 10, 0, 604800),
     deadLetterQueue: read.text("TASK_DEAD_LETTER_QUEUE", `${queueName}_failed`),
     reservationTimeoutSeconds,
-    pollWaitSeconds: read.integer("TASK_POLL_WAIT", 30, 0, 30),
-    shutdownGraceMs: read.seconds("TASK_SHUTDOWN_GRACE", 5, 0, 3600) * 1000,
+    pollWaitSeconds: read.integer("TASK_POLL_WAIT", 5, 0, 30),
+    // Grace + 2 s of TERM/KILL stays under runit's 7 s `sv` timeout.
+    shutdownGraceMs: read.seconds("TASK_SHUTDOWN_GRACE", 4, 0, 3600) * 1000,
   };
   if (task.command.trim() === "") {
     problems.push("TASK_COMMAND: must not be blank");
@@ -1227,7 +1228,7 @@ export class SshPool implements CommandRunner {
               `${this.where}: the stopped command did not end; it may still be running there`,
             );
             finish({ kind: why });
-          }, 2000);
+          }, 1000);
         }, 1000);
       };
       const onAbort = () => stop("aborted");
@@ -1542,6 +1543,7 @@ interface Failure {
 export class Worker {
   private readonly inFlight = new Set<Promise<void>>();
   private readonly running = new Set<AbortController>();
+  private readonly hardStop = new AbortController();
   private readonly deletes: DeleteBatcher;
   private readonly reserveOutage: OutageLog;
   private slotFreed?: () => void;
@@ -1579,6 +1581,7 @@ export class Worker {
 
   /** Aborts every running command now (a second SIGTERM). */
   abortRunning(): void {
+    this.hardStop.abort();
     for (const controller of this.running) controller.abort();
   }
 
@@ -1617,11 +1620,13 @@ export class Worker {
     for (let attempt = 0; !stop.aborted; attempt++) {
       const started = clock.now();
       try {
+        // Not aborted by `stop`: a poll cut off mid-flight can leave its messages
+        // reserved by nobody until they time out. What it returns is released.
         const messages = await queue.reserve(
           n,
           this.task.reservationTimeoutSeconds,
           wait,
-          stop,
+          this.hardStop.signal,
         );
         this.reserveOutage.recovered();
         // A server that ignores `wait` must not make this loop spin.

@@ -1439,3 +1439,62 @@ Deno.test("permissions: only the configured hosts and files are granted", () => 
   const spaced = parseConfig({ SSH_KEY_FILE: "/my keys/id" }, context());
   assert.throws(() => permissionFlags(spaced, [], false), /space or comma/);
 });
+
+Deno.test({
+  name:
+    "worker with a real sshd: a failing command is released and retried; a wrong host key runs nothing",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const h = await harness();
+      const marker = `${sshd.dir}/attempts`;
+      await Deno.chmod(sshd.dir, 0o777);
+      const pool = poolFor(sshd, h.log);
+      const w = startWorker(h, pool, {
+        command: `echo attempt >> ${marker}; echo boom >&2; exit 3`,
+        maxAttempts: 1000,
+      });
+      try {
+        await h.post("hello world!");
+        await until("two attempts", async () =>
+          (await Deno.readTextFile(marker).catch(() =>
+            ""
+          )).split("\n")
+            .length > 2);
+      } finally {
+        await w.stop();
+        pool.close();
+      }
+      const [kept] = await h.peek("jobs");
+      assert.ok(kept, "the message is still in the queue");
+      assert.ok(kept.reserved_count >= 2, `reserved ${kept.reserved_count}`);
+      const log = h.log.lines.join("\n");
+      assert.match(log, /^\[203\.0\.113\.9\] err: boom$/m);
+      assert.match(log, /^WARN \[203\.0\.113\.9\] exit: 3 /m);
+
+      // The same message, a worker whose known_hosts names another key.
+      await Deno.writeTextFile(
+        sshd.knownHostsFile,
+        sshd.knownHostsLine.replace(
+          / \S+$/,
+          " AAAAC3NzaC1lZDI1NTE5AAAAIB5g1ogk9WDyC8E6Y3hHYTdLaNUHm2dQzDgY8wUoW6uk",
+        ),
+      );
+      await Deno.remove(marker);
+      const refusing = poolFor(sshd, h.log);
+      const w2 = startWorker(h, refusing, { command: `touch ${marker}` });
+      try {
+        await until(
+          "the mismatch reported",
+          () => h.log.lines.some((l) => /HOST KEY MISMATCH/.test(l)),
+        );
+        await new Promise((r) => setTimeout(r, 1_500));
+      } finally {
+        await w2.stop();
+        refusing.close();
+      }
+      await assert.rejects(Deno.stat(marker), Deno.errors.NotFound);
+      assert.equal((await h.info()).size, 1, "not deleted");
+      await h.close();
+    }),
+});
