@@ -141,8 +141,10 @@ function ironSetting(
   key: IronKey,
 ): string | undefined {
   const name = key.toUpperCase();
-  const fromEnv = env[`IRON_MQ_${name}`] ?? env[`IRON_${name}`];
-  if (fromEnv !== undefined && fromEnv !== "") return fromEnv;
+  for (const variable of [`IRON_MQ_${name}`, `IRON_${name}`]) {
+    const value = env[variable];
+    if (value !== undefined && value !== "") return value;
+  }
   for (const file of files) {
     if (file[key] !== undefined && file[key] !== "") return file[key];
   }
@@ -1629,8 +1631,9 @@ export class Worker {
           this.hardStop.signal,
         );
         this.reserveOutage.recovered();
-        // A server that ignores `wait` must not make this loop spin.
-        if (messages.length === 0 && clock.now() - started < wait * 500) {
+        // An empty answer sooner than the long-poll allows (wait 0, or a server
+        // that ignores it) must not make this loop spin.
+        if (messages.length === 0 && clock.now() - started < wait * 500 + 50) {
           await clock.sleep(1000, stop);
         }
         return messages;
