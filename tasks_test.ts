@@ -50,6 +50,9 @@ import {
   startSshd,
 } from "./test_sshd.ts";
 
+/** Tests that need OpenSSH (sshd, ssh-keygen): skipped with a reason, or failing under CI. */
+const sshdTest = needs(sshdMissing(), "tests with a real sshd");
+
 // ---------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------
@@ -312,59 +315,59 @@ Deno.test("known_hosts: plain, port, pattern, negation and hashed entries", () =
   assert.equal(keyTypeOfBlob(key), "ssh-ed25519");
 });
 
-Deno.test("known_hosts: entries hashed by ssh-keygen -H match", async () => {
-  const dir = await Deno.makeTempDir();
-  try {
-    const key = blob("ssh-ed25519", 3);
-    const file = `${dir}/known_hosts`;
-    await Deno.writeTextFile(
-      file,
-      `[127.0.0.1]:2200 ssh-ed25519 ${b64(key)}\nexample.org ssh-ed25519 ${
-        b64(key)
-      }\n`,
-    );
-    const out = await new Deno.Command("ssh-keygen", {
-      args: ["-H", "-f", file],
-      stdout: "null",
-      stderr: "null",
-    }).output().catch(() => undefined);
-    if (out === undefined || !out.success) {
-      console.log("SKIP ssh-keygen -H: ssh-keygen not available");
-      return;
+Deno.test({
+  name: "known_hosts: entries hashed by ssh-keygen -H match",
+  ...sshdTest,
+  fn: async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      const key = blob("ssh-ed25519", 3);
+      const file = `${dir}/known_hosts`;
+      await Deno.writeTextFile(
+        file,
+        `[127.0.0.1]:2200 ssh-ed25519 ${b64(key)}\nexample.org ssh-ed25519 ${
+          b64(key)
+        }\n`,
+      );
+      await run("ssh-keygen", ["-H", "-f", file]);
+      const text = await Deno.readTextFile(file);
+      assert.ok(!text.includes("example.org"), "file should now be hashed");
+      const entries = parseKnownHosts(text);
+      assert.equal(checkHostKey(entries, "127.0.0.1", 2200, key), "match");
+      assert.equal(checkHostKey(entries, "example.org", 22, key), "match");
+      assert.equal(checkHostKey(entries, "example.com", 22, key), "unknown");
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
-    const text = await Deno.readTextFile(file);
-    assert.ok(!text.includes("example.org"), "file should now be hashed");
-    const entries = parseKnownHosts(text);
-    assert.equal(checkHostKey(entries, "127.0.0.1", 2200, key), "match");
-    assert.equal(checkHostKey(entries, "example.org", 22, key), "match");
-    assert.equal(checkHostKey(entries, "example.com", 22, key), "unknown");
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  },
 });
 
-Deno.test("fingerprint: the same as ssh-keygen -l", async () => {
-  const dir = await Deno.makeTempDir();
-  try {
-    const out = await new Deno.Command("ssh-keygen", {
-      args: ["-q", "-t", "ed25519", "-N", "", "-f", `${dir}/k`],
-      stdout: "null",
-      stderr: "null",
-    }).output().catch(() => undefined);
-    if (out === undefined || !out.success) {
-      console.log("SKIP fingerprint: ssh-keygen not available");
-      return;
+Deno.test({
+  name: "fingerprint: the same as ssh-keygen -l",
+  ...sshdTest,
+  fn: async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      await run("ssh-keygen", [
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        `${dir}/k`,
+      ]);
+      const pub = (await Deno.readTextFile(`${dir}/k.pub`)).split(" ");
+      const listed = await new Deno.Command("ssh-keygen", {
+        args: ["-l", "-f", `${dir}/k.pub`],
+        stdout: "piped",
+      }).output();
+      const expected = new TextDecoder().decode(listed.stdout).split(" ")[1];
+      assert.equal(fingerprint(Buffer.from(pub[1], "base64")), expected);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
     }
-    const pub = (await Deno.readTextFile(`${dir}/k.pub`)).split(" ");
-    const listed = await new Deno.Command("ssh-keygen", {
-      args: ["-l", "-f", `${dir}/k.pub`],
-      stdout: "piped",
-    }).output();
-    const expected = new TextDecoder().decode(listed.stdout).split(" ")[1];
-    assert.equal(fingerprint(Buffer.from(pub[1], "base64")), expected);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
+  },
 });
 
 // ---------------------------------------------------------------------------
@@ -414,8 +417,6 @@ Deno.test("log format: plain for info, marked for problems, secrets masked", () 
 // ---------------------------------------------------------------------------
 // The SSH runner against a real sshd on loopback
 // ---------------------------------------------------------------------------
-
-const sshdTest = needs(sshdMissing(), "tests with a real sshd");
 
 /** A log that keeps its lines for assertions. */
 function memoryLog(): Log & { lines: string[] } {
