@@ -1402,7 +1402,7 @@ class Tail {
   }
 }
 
-/** Logs a long outage once, then once a minute, then its end. */
+/** Logs an outage as a warning, as an error once it lasts, then once a minute, then its end. */
 class OutageLog {
   private since?: number;
   private lastLogged = 0;
@@ -1419,8 +1419,9 @@ class OutageLog {
     if (this.since === undefined) {
       this.since = now;
       this.lastLogged = now;
-      this.log.error(`${this.what}: ${errorText(e)}; retrying with backoff`);
-    } else if (now - this.lastLogged >= 60_000) {
+      this.log.warn(`${this.what}: ${errorText(e)}; retrying with backoff`);
+    } else if (now - this.lastLogged >= (this.tries <= 2 ? 0 : 60_000)) {
+      // The second failure in a row is no blip any more.
       this.lastLogged = now;
       this.log.error(
         `${this.what}: still failing after ${
@@ -1533,6 +1534,8 @@ async function withRetries<T>(
 interface Held {
   message: QueueMessage;
   reservationId: string;
+  /** Which run this is, counting this one. */
+  attempt: number;
 }
 
 /** What went wrong on the last run, for the log and the dead-letter record. */
@@ -1546,6 +1549,8 @@ export class Worker {
   private readonly inFlight = new Set<Promise<void>>();
   private readonly running = new Set<AbortController>();
   private readonly hardStop = new AbortController();
+  /** Touches this process made, by message id: IronMQ counts them in reserved_count. */
+  private readonly touches = new Map<string, number>();
   private readonly deletes: DeleteBatcher;
   private readonly reserveOutage: OutageLog;
   private slotFreed?: () => void;
@@ -1667,7 +1672,11 @@ export class Worker {
     message: QueueMessage,
     stop: AbortSignal,
   ): Promise<void> {
-    const held: Held = { message, reservationId: message.reservation_id };
+    const held: Held = {
+      message,
+      reservationId: message.reservation_id,
+      attempt: this.attemptOf(message),
+    };
     const plan = planCommand(this.task.command, message.body);
     if (!plan.ok) {
       this.deps.log.error(
@@ -1694,7 +1703,7 @@ export class Worker {
   ): Promise<void> {
     const { log, clock } = this.deps;
     const id = held.message.id;
-    const attempt = held.message.reserved_count;
+    const attempt = held.attempt;
     const prefix = `[${this.host}]`;
     log.info(`${prefix} run: ${command}`);
     log.debug(`message ${id}: attempt ${attempt}`);
@@ -1764,6 +1773,16 @@ export class Worker {
     }
   }
 
+  /**
+   * Which run a newly reserved message is on: reserved_count less the touches
+   * this process made on it before (touches by an earlier process still count,
+   * so this errs on the high side).
+   */
+  private attemptOf(message: QueueMessage): number {
+    const touched = this.touches.get(message.id) ?? 0;
+    return Math.max(1, message.reserved_count - touched);
+  }
+
   /** Touches the message at half its reservation so a long command keeps it. */
   private keepReserved(held: Held): { stop(): void } {
     const timeout = this.task.reservationTimeoutSeconds;
@@ -1776,6 +1795,8 @@ export class Worker {
       );
       if (result.ok) {
         held.reservationId = result.value;
+        const id = held.message.id;
+        this.touches.set(id, (this.touches.get(id) ?? 0) + 1);
         this.deps.log.debug(`message ${held.message.id}: reservation extended`);
       } else {
         this.deps.log.warn(
@@ -1790,25 +1811,29 @@ export class Worker {
 
   private async deleteDone(held: Held): Promise<void> {
     const id = held.message.id;
+    this.touches.delete(id);
     const outcome = await this.deletes.delete({
       id,
       reservation_id: held.reservationId,
     });
     if (outcome === "deleted") return;
-    const why = {
-      expired:
-        "its reservation had expired, so another worker may have it: it MAY RUN TWICE (not rerun here)",
-      gone: "it was already gone from the queue",
-      failed:
-        "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE",
-    }[outcome];
+    if (outcome === "gone") {
+      // Most often our own earlier try landed and only its reply was lost.
+      this.deps.log.info(
+        `message ${id}: already gone from the queue when deleted`,
+      );
+      return;
+    }
+    const why = outcome === "expired"
+      ? "its reservation had expired, so another worker may have it: it MAY RUN TWICE (not rerun here)"
+      : "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE";
     this.deps.log.warn(
       `message ${id}: the command succeeded but the delete did not: ${why}`,
     );
   }
 
   private async failed(held: Held, failure: Failure): Promise<void> {
-    const attempts = held.message.reserved_count;
+    const attempts = held.attempt;
     if (attempts >= this.task.maxAttempts) {
       return await this.deadLetter(held, failure);
     }
@@ -1850,7 +1875,7 @@ export class Worker {
       queue: this.queueName,
       id: message.id,
       body: message.body,
-      attempts: message.reserved_count,
+      attempts: held.attempt,
       reason: failure.reason,
       exit_status: failure.exitStatus,
       stderr_tail: failure.stderrTail,
@@ -1876,7 +1901,7 @@ export class Worker {
       );
     }
     this.deps.log.error(
-      `message ${message.id}: moved to ${this.task.deadLetterQueue} after ${message.reserved_count} attempt(s): ${failure.reason}`,
+      `message ${message.id}: moved to ${this.task.deadLetterQueue} after ${held.attempt} attempt(s): ${failure.reason}`,
     );
     await this.deleteDone(held);
   }

@@ -1,0 +1,1169 @@
+/**
+ * Fault-injection tests of issue 4: the worker runs as a subprocess
+ * (`deno run tasks.ts`) against the embedded queue server and a real sshd on
+ * loopback, while queue replies fail, SSH goes away, commands hang, the worker
+ * is killed, and its logs are searched for secrets.
+ */
+import assert from "node:assert/strict";
+import {
+  type CommandRunner,
+  IronMqClient,
+  LineSplitter,
+  realClock,
+  Worker,
+} from "./tasks.ts";
+import {
+  type QueueServer,
+  type QueueServerOptions,
+  startQueueServer,
+} from "./mq_server.ts";
+import { needs, run, type Sshd, sshdMissing, startSshd } from "./test_sshd.ts";
+
+const sshdTest = needs(sshdMissing(), "reliability tests with a real sshd");
+const REPO = new URL(".", import.meta.url).pathname;
+const PROJECT = "rel";
+const QUEUE = "jobs";
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Polls `cond` until it holds; false (not a throw) when `ms` passed first. */
+async function eventually(
+  cond: () => boolean | Promise<boolean>,
+  ms: number,
+): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > deadline) return false;
+    await sleep(25);
+  }
+  return true;
+}
+
+/** Like eventually, but throws; `what` may be a function, for the state at the end. */
+async function until(
+  what: string | (() => string),
+  cond: () => boolean | Promise<boolean>,
+  ms = 30_000,
+): Promise<void> {
+  if (!(await eventually(cond, ms))) {
+    const text = typeof what === "string" ? what : what();
+    throw new Error(`timed out waiting: ${text}`);
+  }
+}
+
+/** A small seeded generator, so a failing run can be replayed. */
+function mulberry32(seed: number): () => number {
+  return () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function seed(): number {
+  return Number(Deno.env.get("RELIABILITY_SEED") ?? Date.now() % 1e9);
+}
+
+/** A server clock running `factor` times faster, so reservations expire in seconds. */
+function fastClock(factor: number): () => number {
+  const t0 = Date.now();
+  return () => t0 + (Date.now() - t0) * factor;
+}
+
+async function withSshd(fn: (sshd: Sshd) => Promise<void>): Promise<void> {
+  const sshd = await startSshd();
+  try {
+    await fn(sshd);
+  } finally {
+    await sshd.stop();
+    await Deno.remove(sshd.dir, { recursive: true });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The queue server, seen directly (never through the proxy)
+// ---------------------------------------------------------------------------
+
+interface Message {
+  id: string;
+  body: string;
+  reserved_count: number;
+}
+
+interface TestQueue {
+  server: QueueServer;
+  post(bodies: string[]): Promise<string[]>;
+  size(queue?: string): Promise<number>;
+  peek(queue: string): Promise<Message[]>;
+  reserve(): Promise<Message[]>;
+  close(): Promise<void>;
+}
+
+async function startQueue(
+  options: QueueServerOptions = {},
+): Promise<TestQueue> {
+  const server = await startQueueServer({
+    port: 0,
+    dbPath: ":memory:",
+    ...options,
+  });
+  const api = async (method: string, path: string, body?: unknown) => {
+    const headers: Record<string, string> = {
+      "Content-Type": "application/json",
+    };
+    if (options.token) headers.Authorization = `OAuth ${options.token}`;
+    const response = await fetch(
+      `${server.url}/3/projects/${PROJECT}/queues/${path}`,
+      {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      },
+    );
+    const reply: Record<string, unknown> = await response.json();
+    if (!response.ok && response.status !== 404) {
+      throw new Error(`${method} ${path}: ${JSON.stringify(reply)}`);
+    }
+    return reply;
+  };
+  const messages = (reply: Record<string, unknown>) =>
+    (reply.messages ?? []) as Message[];
+  return {
+    server,
+    post: async (bodies) => {
+      const ids: string[] = [];
+      for (let i = 0; i < bodies.length; i += 100) {
+        const batch = bodies.slice(i, i + 100).map((body) => ({ body }));
+        const reply = await api("POST", `${QUEUE}/messages`, {
+          messages: batch,
+        });
+        ids.push(...(reply.ids as string[]));
+      }
+      return ids;
+    },
+    size: async (queue = QUEUE) => {
+      const reply = await api("GET", queue);
+      return (reply.queue as { size: number } | undefined)?.size ?? 0;
+    },
+    peek: async (queue) =>
+      messages(await api("GET", `${queue}/messages?n=100`)),
+    reserve: async () =>
+      messages(
+        await api("POST", `${QUEUE}/reservations`, { n: 10, wait: 0 }),
+      ),
+    close: () => server.close(),
+  };
+}
+
+// ---------------------------------------------------------------------------
+// The worker as a subprocess
+// ---------------------------------------------------------------------------
+
+interface WorkerProcess {
+  /** Every stdout and stderr line so far. */
+  lines: string[];
+  /** Whether the process has ended (by itself or by a signal we sent). */
+  exited(): boolean;
+  /** Sends `signal` and waits for the end and the last output. */
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+}
+
+function spawnWorker(env: Record<string, string>): WorkerProcess {
+  const child = new Deno.Command("deno", {
+    args: ["run", "--allow-all", "tasks.ts"],
+    env,
+    cwd: REPO,
+    clearEnv: true,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const lines: string[] = [];
+  const collect = async (stream: ReadableStream<Uint8Array>) => {
+    const splitter = new LineSplitter((l) => lines.push(l));
+    for await (const chunk of stream) splitter.push(chunk);
+    splitter.end();
+  };
+  const drained = Promise.all([collect(child.stdout), collect(child.stderr)]);
+  let ended = false;
+  child.status.then(() => ended = true);
+  return {
+    lines,
+    exited: () => ended,
+    async stop(signal = "SIGTERM") {
+      try {
+        child.kill(signal);
+      } catch {
+        // already ended
+      }
+      const status = await child.status;
+      await drained;
+      return status;
+    },
+  };
+}
+
+function workerEnv(
+  sshd: Sshd,
+  queueUrl: string,
+  extra: Record<string, string>,
+): Record<string, string> {
+  const { hostname, port } = new URL(queueUrl);
+  return {
+    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+    HOME: sshd.dir,
+    DENO_DIR: Deno.env.get("DENO_DIR") ??
+      `${Deno.env.get("HOME")}/.cache/deno`,
+    NO_COLOR: "1",
+    IRON_HOST: hostname,
+    IRON_PORT: port,
+    IRON_SCHEME: "http",
+    IRON_PROJECT_ID: PROJECT,
+    IRON_MQ_QUEUE_NAME: QUEUE,
+    SSH_HOST: sshd.host,
+    SSH_PORT: String(sshd.port),
+    SSH_USER: sshd.user,
+    SSH_KEY_FILE: sshd.clientKeyFile,
+    SSH_KNOWN_HOSTS: sshd.knownHostsFile,
+    SSH_CONNECT_TIMEOUT: "5",
+    TASK_POLL_WAIT: "1",
+    TASK_RETRY_DELAY: "0",
+    ...extra,
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Remote commands that leave records
+// ---------------------------------------------------------------------------
+
+async function script(dir: string, name: string, body: string) {
+  const path = `${dir}/${name}`;
+  await Deno.writeTextFile(path, `#!/bin/sh\n${body}`);
+  await Deno.chmod(path, 0o755);
+  await Deno.chmod(dir, 0o777); // the remote user writes its records here
+  return path;
+}
+
+/**
+ * `record.sh RUN SECONDS ID`: appends "start RUN ID ms", works SECONDS, then
+ * appends "done RUN ID ms" (one short O_APPEND write each, so lines never mix).
+ */
+function recorder(dir: string): Promise<string> {
+  return script(
+    dir,
+    "record.sh",
+    `log="${dir}/events"
+echo "start $1 $3 $(date +%s%3N)" >> "$log"
+sleep "$2"
+echo "done $1 $3 $(date +%s%3N)" >> "$log"
+`,
+  );
+}
+
+/** `act.sh WHAT`: fail (exit 3 with stderr), hang (records its pid), quick (0.5 s). */
+function actor(dir: string): Promise<string> {
+  return script(
+    dir,
+    "act.sh",
+    `case "$1" in
+  fail) echo "disk full" >&2; exit 3 ;;
+  hang) echo "hanging" >&2; echo $$ >> "${dir}/hang.pids"; exec sleep 30 ;;
+  quick) echo start >> "${dir}/quick"; sleep 0.5; echo done >> "${dir}/quick" ;;
+  *) echo "ran $1" ;;
+esac
+`,
+  );
+}
+
+interface RunEvent {
+  kind: "start" | "done";
+  run: string;
+  id: string;
+  at: number;
+}
+
+async function readEvents(dir: string): Promise<RunEvent[]> {
+  const text = await fileText(`${dir}/events`);
+  return text.split("\n").filter((l) => l !== "").map((line) => {
+    const [kind, run, id, at] = line.split(" ");
+    assert.ok(kind === "start" || kind === "done", line);
+    return { kind, run, id, at: Number(at) };
+  });
+}
+
+/** Events per message id, of one kind. */
+function byId(events: RunEvent[], kind: RunEvent["kind"]) {
+  const map = new Map<string, RunEvent[]>();
+  for (const e of events) {
+    if (e.kind !== kind) continue;
+    map.set(e.id, [...(map.get(e.id) ?? []), e]);
+  }
+  return map;
+}
+
+async function allDone(dir: string, ids: string[]): Promise<boolean> {
+  const done = byId(await readEvents(dir), "done");
+  return ids.every((id) => done.has(id));
+}
+
+function lostAndDuplicated(events: RunEvent[], ids: string[]) {
+  const done = byId(events, "done");
+  const started = byId(events, "start");
+  return {
+    lost: ids.filter((id) => !done.has(id)),
+    duplicated: ids.filter((id) => (started.get(id)?.length ?? 0) > 1),
+  };
+}
+
+function argsBodies(ids: string[]): string[] {
+  return ids.map((id) => JSON.stringify({ args: [id] }));
+}
+
+/** A file's text, or "" while it does not exist. */
+function fileText(path: string): Promise<string> {
+  return Deno.readTextFile(path).catch(() => "");
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    Deno.statSync(`/proc/${pid}`);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A fault-injecting HTTP proxy (raw TCP, HTTP/1.1 with Content-Length bodies)
+// ---------------------------------------------------------------------------
+
+const FAULTS = [
+  "500",
+  "503",
+  "408",
+  "429",
+  "reset",
+  "cut",
+  "delay",
+  "corrupt",
+] as const;
+type Fault = typeof FAULTS[number];
+
+interface RawRequest {
+  method: string;
+  target: string;
+  headers: Headers;
+  body: Uint8Array<ArrayBuffer>;
+}
+
+interface FaultProxy {
+  port: number;
+  requests: number;
+  faults: Record<Fault, number>;
+  /** Message ids of DELETEs forwarded to the server, with the time they were sent. */
+  deletes: { id: string; at: number }[];
+  close(): Promise<void>;
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** Reads requests off a connection, keep-alive included. */
+class RequestReader {
+  #buffer: Uint8Array<ArrayBuffer> = new Uint8Array(0);
+  constructor(private readonly conn: Deno.Conn) {}
+
+  async next(): Promise<RawRequest | undefined> {
+    let end: number;
+    while ((end = headEnd(this.#buffer)) < 0) {
+      if (!(await this.#fill())) return undefined;
+    }
+    const [requestLine, ...fields] = decoder.decode(
+      this.#buffer.subarray(0, end),
+    ).split("\r\n");
+    const [method, target] = requestLine.split(" ");
+    const headers = new Headers();
+    for (const field of fields) {
+      const colon = field.indexOf(":");
+      headers.append(field.slice(0, colon).trim(), field.slice(colon + 1));
+    }
+    if (headers.has("transfer-encoding")) {
+      throw new Error("the proxy only reads Content-Length bodies");
+    }
+    const total = end + 4 + Number(headers.get("content-length") ?? 0);
+    while (this.#buffer.length < total) {
+      if (!(await this.#fill())) return undefined;
+    }
+    const body = this.#buffer.slice(end + 4, total);
+    this.#buffer = this.#buffer.slice(total);
+    return { method, target, headers, body };
+  }
+
+  async #fill(): Promise<boolean> {
+    const chunk = new Uint8Array(64 * 1024);
+    const n = await this.conn.read(chunk).catch(() => null);
+    if (n === null) return false;
+    const joined = new Uint8Array(this.#buffer.length + n);
+    joined.set(this.#buffer);
+    joined.set(chunk.subarray(0, n), this.#buffer.length);
+    this.#buffer = joined;
+    return true;
+  }
+}
+
+function headEnd(bytes: Uint8Array): number {
+  for (let i = 0; i + 3 < bytes.length; i++) {
+    if (
+      bytes[i] === 13 && bytes[i + 1] === 10 && bytes[i + 2] === 13 &&
+      bytes[i + 3] === 10
+    ) {
+      return i;
+    }
+  }
+  return -1;
+}
+
+function httpResponse(status: number, body: string): Uint8Array {
+  const bytes = encoder.encode(body);
+  const head =
+    `HTTP/1.1 ${status} Proxied\r\nContent-Type: application/json\r\n` +
+    `Content-Length: ${bytes.length}\r\n\r\n`;
+  const out = new Uint8Array(head.length + bytes.length);
+  out.set(encoder.encode(head));
+  out.set(bytes, head.length);
+  return out;
+}
+
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let at = 0; at < bytes.length;) {
+    at += await conn.write(bytes.subarray(at));
+  }
+}
+
+/** The message ids a DELETE names: one in the path, or a batch in the body. */
+function deletedIds(request: RawRequest): string[] {
+  if (request.method !== "DELETE") return [];
+  const one = /\/messages\/(\d+)$/.exec(request.target);
+  if (one) return [one[1]];
+  if (!/\/messages$/.test(request.target)) return [];
+  const parsed: { ids?: { id: string }[] } = JSON.parse(
+    decoder.decode(request.body),
+  );
+  return (parsed.ids ?? []).map((item) => item.id);
+}
+
+/** A reply that is not JSON any more: cut short or with a stray byte. */
+function corrupt(body: string, random: () => number): string {
+  return random() < 0.5
+    ? body.slice(0, Math.floor(body.length * random()))
+    : `<${body.slice(1)}`;
+}
+
+/**
+ * Forwards to `upstream`; a `rate` share of requests gets one fault: an error
+ * status without forwarding, a delay of up to 2 s before forwarding, or, after
+ * the server acted, a closed connection (reset), a reply cut mid-body (cut) or
+ * a reply that is not JSON (corrupt).
+ */
+function startFaultProxy(
+  upstream: string,
+  random: () => number,
+  rate: number,
+): FaultProxy {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const closing = new AbortController();
+  const conns = new Set<Deno.Conn>();
+  const serving = new Set<Promise<void>>();
+  const proxy: FaultProxy = {
+    port: (listener.addr as Deno.NetAddr).port,
+    requests: 0,
+    faults: Object.fromEntries(FAULTS.map((f) => [f, 0])) as Record<
+      Fault,
+      number
+    >,
+    deletes: [],
+    async close() {
+      closing.abort();
+      listener.close();
+      for (const conn of conns) conn.close();
+      await accepting;
+      await Promise.allSettled([...serving]);
+    },
+  };
+
+  // Which requests fail is random; the kinds take turns, so each one occurs.
+  let injected = 0;
+  const pickFault = (): Fault | undefined =>
+    random() < rate ? FAULTS[injected++ % FAULTS.length] : undefined;
+
+  const forward = async (request: RawRequest) => {
+    const headers = new Headers();
+    for (const name of ["content-type", "accept", "authorization"]) {
+      const value = request.headers.get(name);
+      if (value !== null) headers.set(name, value.trim());
+    }
+    const at = Date.now();
+    for (const id of deletedIds(request)) proxy.deletes.push({ id, at });
+    const response = await fetch(`${upstream}${request.target}`, {
+      method: request.method,
+      headers,
+      body: request.body.length > 0 ? request.body : undefined,
+      signal: closing.signal,
+    });
+    return { status: response.status, body: await response.text() };
+  };
+
+  /** The bytes to send back and whether to close after them; undefined: close now. */
+  const answer = async (request: RawRequest) => {
+    proxy.requests++;
+    const fault = pickFault();
+    if (fault !== undefined) proxy.faults[fault]++;
+    if (fault !== undefined && /^\d+$/.test(fault)) {
+      const msg = JSON.stringify({ msg: `injected ${fault}` });
+      return { bytes: httpResponse(Number(fault), msg), close: false };
+    }
+    if (fault === "delay") await sleep(random() * 2_000);
+    const reply = await forward(request);
+    if (fault === "reset") return undefined;
+    if (fault === "cut") {
+      const full = httpResponse(reply.status, reply.body);
+      const bodyStart = full.length - encoder.encode(reply.body).length;
+      const keep = bodyStart + Math.floor((full.length - bodyStart) / 2);
+      return { bytes: full.subarray(0, keep), close: true };
+    }
+    const body = fault === "corrupt" ? corrupt(reply.body, random) : reply.body;
+    return { bytes: httpResponse(reply.status, body), close: false };
+  };
+
+  const serve = async (conn: Deno.Conn) => {
+    const reader = new RequestReader(conn);
+    try {
+      for (;;) {
+        const request = await reader.next();
+        if (request === undefined) return;
+        const reply = await answer(request);
+        if (reply === undefined) return;
+        await writeAll(conn, reply.bytes);
+        if (reply.close) return;
+      }
+    } catch {
+      // the worker went away, or the proxy is closing
+    } finally {
+      conns.delete(conn);
+      try {
+        conn.close();
+      } catch {
+        // closed by close()
+      }
+    }
+  };
+
+  const accepting = (async () => {
+    try {
+      for await (const conn of listener) {
+        conns.add(conn);
+        const done = serve(conn).finally(() => serving.delete(done));
+        serving.add(done);
+      }
+    } catch {
+      // listener closed
+    }
+  })();
+  return proxy;
+}
+
+function faultSummary(proxy: FaultProxy): string {
+  const total = FAULTS.reduce((n, f) => n + proxy.faults[f], 0);
+  const kinds = FAULTS.map((f) => `${f}: ${proxy.faults[f]}`).join(", ");
+  return `${total} faults injected in ${proxy.requests} requests (${kinds})`;
+}
+
+// ---------------------------------------------------------------------------
+// 1. Queue faults between the worker and the server
+// ---------------------------------------------------------------------------
+
+Deno.test({
+  name:
+    "reliability: through a proxy that fails, resets, delays and corrupts replies, every message runs and none is deleted early",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const rngSeed = seed();
+      // Reserve replies the proxy drops come back when their 30 s reservation
+      // ends: 5 s here, with the server's clock 6 times faster.
+      const queue = await startQueue({ now: fastClock(6) });
+      const proxy = startFaultProxy(
+        queue.server.url,
+        mulberry32(rngSeed),
+        0.25,
+      );
+      const command = await recorder(sshd.dir);
+      const ids = Array.from({ length: 200 }, (_, i) => `m${i}`);
+      const serverIds = await queue.post(argsBodies(ids));
+      const worker = spawnWorker(
+        workerEnv(sshd, `http://127.0.0.1:${proxy.port}`, {
+          TASK_COMMAND: `${command} r1 0`,
+          TASK_CONCURRENCY: "8",
+          TASK_RESERVATION_TIMEOUT: "30",
+        }),
+      );
+      let status: Deno.CommandStatus | undefined;
+      let exitedEarly = false;
+      try {
+        await eventually(
+          async () => await allDone(sshd.dir, ids) && await queue.size() === 0,
+          90_000,
+        );
+        exitedEarly = worker.exited();
+      } finally {
+        status = await worker.stop();
+        await proxy.close();
+        await queue.close();
+      }
+      const log = worker.lines.join("\n");
+      const events = await readEvents(sshd.dir);
+      const { lost, duplicated } = lostAndDuplicated(events, ids);
+      console.log(
+        `reliability: ${ids.length} messages, ${
+          faultSummary(proxy)
+        }, ${lost.length} lost, ${duplicated.length} duplicated (seed ${rngSeed})`,
+      );
+      assert.equal(
+        exitedEarly,
+        false,
+        `the worker exited during the run:\n${log}`,
+      );
+      assert.deepEqual(lost, [], "every message's command ran");
+      assert.equal(status.code, 0, `exit status on SIGTERM:\n${log}`);
+      assertDeletedAfterDone(proxy.deletes, serverIds, ids, events);
+      assert.ok(
+        FAULTS.every((f) => proxy.faults[f] > 0),
+        `every kind of fault was injected: ${faultSummary(proxy)}`,
+      );
+    }),
+});
+
+/** Every DELETE the server received for a message came after its command's "done" record. */
+function assertDeletedAfterDone(
+  deletes: { id: string; at: number }[],
+  serverIds: string[],
+  ids: string[],
+  events: RunEvent[],
+) {
+  const ourId = new Map(serverIds.map((serverId, i) => [serverId, ids[i]]));
+  const done = byId(events, "done");
+  assert.ok(deletes.length >= ids.length, "deletes were seen by the proxy");
+  for (const { id, at } of deletes) {
+    const firstDone = Math.min(
+      ...(done.get(ourId.get(id) ?? "") ?? []).map((e) => e.at),
+    );
+    assert.ok(
+      firstDone <= at,
+      `message ${id} (${
+        ourId.get(id)
+      }) was deleted at ${at}, before its command finished (${firstDone})`,
+    );
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 2. sshd goes away and comes back
+// ---------------------------------------------------------------------------
+
+Deno.test({
+  name:
+    "reliability: sshd stopped (sessions killed) and restarted on the same port: every message still runs",
+  ...sshdTest,
+  fn: async () => {
+    let sshd = await startSshd();
+    const { dir, port } = sshd;
+    const queue = await startQueue();
+    const command = await recorder(dir);
+    const ids = Array.from({ length: 100 }, (_, i) => `s${i}`);
+    await queue.post(argsBodies(ids));
+    const worker = spawnWorker(
+      workerEnv(sshd, queue.server.url, {
+        TASK_COMMAND: `${command} r1 0.05`,
+        TASK_CONCURRENCY: "4",
+      }),
+    );
+    let status: Deno.CommandStatus | undefined;
+    let exitedEarly = false;
+    let events: RunEvent[] = [];
+    try {
+      await until("a quarter done", async () => {
+        const done = byId(await readEvents(dir), "done");
+        return done.size >= ids.length / 4;
+      });
+      await sshd.stop(); // kills its sessions, then the listener
+      await sleep(1_500);
+      sshd = await startSshd({ dir, port });
+      await eventually(
+        async () => await allDone(dir, ids) && await queue.size() === 0,
+        60_000,
+      );
+      exitedEarly = worker.exited();
+    } finally {
+      status = await worker.stop();
+      await sshd.stop();
+      await queue.close();
+      events = await readEvents(dir);
+      await Deno.remove(dir, { recursive: true });
+    }
+    const log = worker.lines.join("\n");
+    const { lost, duplicated } = lostAndDuplicated(events, ids);
+    console.log(
+      `sshd restart: ${ids.length} messages, ${lost.length} lost, ${duplicated.length} run again after the drop`,
+    );
+    assert.equal(
+      exitedEarly,
+      false,
+      `the worker exited during the run:\n${log}`,
+    );
+    assert.deepEqual(lost, []);
+    assert.equal(status.code, 0, log);
+    assert.match(log, /cannot connect: connection refused/);
+    assert.ok(
+      (log.match(/: connected$/gm) ?? []).length >= 2,
+      `reconnected after the restart:\n${log}`,
+    );
+  },
+});
+
+// ---------------------------------------------------------------------------
+// 3. Timeouts, the dead-letter queue, and SIGTERM with a command running
+// ---------------------------------------------------------------------------
+
+// A command outliving its reservation: tasks_test.ts shows the touch keeps it.
+// A subprocess touches every 15 s at the soonest (half the 30 s minimum
+// reservation), so this one runs the Worker in-process, to check that a long
+// failing run counts as one attempt however often it was touched.
+
+Deno.test("reliability: a failing command that outlived its reservation (kept by touching) counts as one attempt", async () => {
+  // 20 times faster: the 30 s reservation lasts 1.5 s; touches come every 0.4 s.
+  const server = await startQueue({ now: fastClock(20) });
+  const queue = new IronMqClient({
+    baseUrl: server.server.url,
+    projectId: PROJECT,
+    queueName: QUEUE,
+  });
+  let runs = 0;
+  const runner: CommandRunner = {
+    ready: () => Promise.resolve(),
+    run: async () => {
+      runs++;
+      await sleep(1_500);
+      return { kind: "exit", code: 1 };
+    },
+    close: () => {},
+  };
+  const lines: string[] = [];
+  const log = {
+    debug: (t: string) => lines.push(t),
+    info: (t: string) => lines.push(t),
+    warn: (t: string) => lines.push(`WARN ${t}`),
+    error: (t: string) => lines.push(`ERROR ${t}`),
+  };
+  const worker = new Worker(
+    {
+      command: "long",
+      concurrency: 1,
+      timeoutMs: 0,
+      maxAttempts: 3,
+      retryDelaySeconds: 0,
+      deadLetterQueue: `${QUEUE}_failed`,
+      reservationTimeoutSeconds: 30,
+      pollWaitSeconds: 1,
+      shutdownGraceMs: 1_000,
+    },
+    { queue, runner, log, clock: realClock, touchIntervalMs: 400 },
+    "127.0.0.1",
+    QUEUE,
+  );
+  const stop = new AbortController();
+  const running = worker.run(stop.signal);
+  let dead: Message[] = [];
+  try {
+    await queue.post(QUEUE, ["long"]);
+    await eventually(
+      async () => (dead = await server.peek(`${QUEUE}_failed`)).length > 0,
+      15_000,
+    );
+  } finally {
+    stop.abort();
+    await running;
+    await server.close();
+  }
+  const text = lines.join("\n");
+  assert.doesNotMatch(text, /could not extend/, "every touch worked");
+  assert.equal(dead.length, 1, `dead-lettered:\n${text}`);
+  const record: Record<string, unknown> = JSON.parse(dead[0].body);
+  assert.equal(runs, 3, `ran TASK_MAX_ATTEMPTS=3 times:\n${text}`);
+  assert.equal(record.attempts, 3, `the record counts runs:\n${text}`);
+});
+
+Deno.test({
+  name:
+    "reliability: TASK_TIMEOUT stops the command, counts as failed, and dead-letters it with its record",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const queue = await startQueue();
+      const command = await actor(sshd.dir);
+      const bodies = [
+        JSON.stringify({ args: ["hang"] }),
+        JSON.stringify({ args: ["fail"] }),
+      ];
+      const [hangId, failId] = await queue.post(bodies);
+      const worker = spawnWorker(
+        workerEnv(sshd, queue.server.url, {
+          TASK_COMMAND: command,
+          TASK_TIMEOUT: "1",
+          TASK_MAX_ATTEMPTS: "2",
+        }),
+      );
+      let status: Deno.CommandStatus | undefined;
+      let dead: Message[] = [];
+      try {
+        await until(
+          () => `both dead-lettered:\n${worker.lines.join("\n")}`,
+          async () => (dead = await queue.peek(`${QUEUE}_failed`)).length === 2,
+        );
+        await until("source empty", async () => await queue.size() === 0);
+      } finally {
+        status = await worker.stop();
+        await queue.close();
+      }
+      const log = worker.lines.join("\n");
+      assert.equal(status.code, 0, log);
+      const records = new Map(dead.map((m) => {
+        const record: Record<string, unknown> = JSON.parse(m.body);
+        return [record.id, record];
+      }));
+      assert.deepEqual(pick(records.get(hangId)), {
+        id: hangId,
+        body: bodies[0],
+        attempts: 2,
+        exit_status: "timeout",
+        stderr_tail: "hanging\n",
+      });
+      assert.match(String(records.get(hangId)?.reason), /TASK_TIMEOUT/);
+      assert.deepEqual(pick(records.get(failId)), {
+        id: failId,
+        body: bodies[1],
+        attempts: 2,
+        exit_status: 3,
+        stderr_tail: "disk full\n",
+      });
+      assert.match(log, /timed out after 1 s: stopped/);
+      assert.match(log, /released for a retry in 0 s \(timed out/);
+      const pids = (await fileText(`${sshd.dir}/hang.pids`)).trim().split("\n")
+        .map(Number);
+      assert.equal(pids.length, 2, "ran once per attempt");
+      for (const pid of pids) {
+        assert.ok(
+          await eventually(() => !pidAlive(pid), 3_000),
+          `remote pid ${pid} was stopped`,
+        );
+      }
+    }),
+});
+
+/** The dead-letter record fields issue 4 asks for. */
+function pick(record: Record<string, unknown> | undefined) {
+  assert.ok(record, "a dead-letter record");
+  const { id, body, attempts, exit_status, stderr_tail } = record;
+  return { id, body, attempts, exit_status, stderr_tail };
+}
+
+Deno.test({
+  name:
+    "reliability: SIGTERM with commands running: a short one finishes in the grace period, a long one is stopped and released, exit 0",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const queue = await startQueue();
+      const command = await actor(sshd.dir);
+      const [hangId] = await queue.post([
+        JSON.stringify({ args: ["hang"] }),
+        JSON.stringify({ args: ["quick"] }),
+      ]);
+      const worker = spawnWorker(
+        workerEnv(sshd, queue.server.url, {
+          TASK_COMMAND: command,
+          TASK_SHUTDOWN_GRACE: "2",
+        }),
+      );
+      let status: Deno.CommandStatus | undefined;
+      let took = 0;
+      let left: Message[] = [];
+      try {
+        await until("both started", async () =>
+          (await fileText(`${sshd.dir}/quick`)) === "start\n" &&
+          (await fileText(`${sshd.dir}/hang.pids`)) !== "");
+      } finally {
+        const stopping = Date.now();
+        status = await worker.stop("SIGTERM");
+        took = Date.now() - stopping;
+        left = await queue.reserve().finally(() =>
+          queue.close()
+        );
+      }
+      const log = worker.lines.join("\n");
+      assert.equal(status.code, 0, log);
+      assert.ok(took >= 1_800 && took < 6_000, `stopping took ${took} ms`);
+      assert.equal(
+        await fileText(`${sshd.dir}/quick`),
+        "start\ndone\n",
+        "the short command finished in the grace period",
+      );
+      assert.deepEqual(
+        left.map((m) => m.id),
+        [hangId],
+        "only the long one is left, and released: reservable at once",
+      );
+      assert.match(log, /released for a retry in 0 s \(stopped by shutdown\)/);
+      assert.match(log, /^stopped$/m);
+      const pid = Number(await fileText(`${sshd.dir}/hang.pids`));
+      assert.ok(
+        await eventually(() => !pidAlive(pid), 3_000),
+        `remote pid ${pid} was stopped`,
+      );
+    }),
+});
+
+// ---------------------------------------------------------------------------
+// 4. Crash safety: SIGKILL at random moments
+// ---------------------------------------------------------------------------
+
+const KILLS = 20;
+const PER_RUN = 12;
+
+Deno.test({
+  name:
+    "reliability: the worker killed with SIGKILL 20 times and restarted loses nothing; only in-flight messages run twice",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const rngSeed = seed();
+      const random = mulberry32(rngSeed);
+      // A killed worker's reservations (30 s) come back after 1.5 s.
+      const queue = await startQueue({ now: fastClock(20) });
+      const command = await recorder(sshd.dir);
+      const ids: string[] = [];
+      const killedRuns = new Set<string>();
+      const env = (run: string) =>
+        workerEnv(sshd, queue.server.url, {
+          TASK_COMMAND: `${command} ${run} 0.2`,
+          TASK_CONCURRENCY: "4",
+          TASK_RESERVATION_TIMEOUT: "30",
+        });
+      try {
+        for (let k = 1; k <= KILLS; k++) {
+          const batch = Array.from({ length: PER_RUN }, (_, i) => `k${k}.${i}`);
+          ids.push(...batch);
+          await queue.post(argsBodies(batch));
+          const worker = spawnWorker(env(`k${k}`));
+          await sleep(500 + random() * 1_300); // startup takes 0.6 to 1 s
+          const exitedEarly = worker.exited();
+          const status = await worker.stop("SIGKILL");
+          killedRuns.add(`k${k}`);
+          assert.equal(exitedEarly, false, worker.lines.join("\n"));
+          assert.equal(status.signal, "SIGKILL");
+        }
+        const last = spawnWorker(env("final"));
+        let status: Deno.CommandStatus | undefined;
+        try {
+          await eventually(
+            async () =>
+              await allDone(sshd.dir, ids) && await queue.size() === 0,
+            60_000,
+          );
+          assert.equal(last.exited(), false, last.lines.join("\n"));
+        } finally {
+          status = await last.stop();
+        }
+        assert.equal(status.code, 0, last.lines.join("\n"));
+        assert.equal(await queue.size(), 0, "the queue ends empty");
+      } finally {
+        await queue.close();
+      }
+      const events = await readEvents(sshd.dir);
+      const { lost, duplicated } = lostAndDuplicated(events, ids);
+      const started = byId(events, "start");
+      const killedMidway = [...killedRuns].filter((run) =>
+        events.some((e) => e.run === run && e.kind === "start")
+      ).length;
+      console.log(
+        `crash safety: ${ids.length} messages, ${KILLS} SIGKILLs (${killedMidway} while commands ran), ${lost.length} lost, ${duplicated.length} duplicated (seed ${rngSeed})`,
+      );
+      assert.deepEqual(lost, [], "every message's command ran");
+      for (const id of duplicated) {
+        const runs = started.get(id)!.sort((a, b) => a.at - b.at);
+        // Every start but the last was cut short by a kill.
+        for (const earlier of runs.slice(0, -1)) {
+          assert.ok(
+            killedRuns.has(earlier.run),
+            `${id} ran again although its run ${earlier.run} was not killed: ${
+              JSON.stringify(runs)
+            }`,
+          );
+        }
+        const perRun = new Set(runs.map((e) => e.run));
+        assert.equal(perRun.size, runs.length, `${id} ran twice in one run`);
+      }
+    }),
+});
+
+// ---------------------------------------------------------------------------
+// 5. Secrets never reach the log
+// ---------------------------------------------------------------------------
+
+function randomSecret(prefix: string): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0"))
+    .join("");
+}
+
+/** Runs a worker that should refuse to start, and returns its lines. */
+async function refusedStart(env: Record<string, string>): Promise<string[]> {
+  const worker = spawnWorker(env);
+  await until("it exits", () => worker.exited(), 20_000);
+  const status = await worker.stop();
+  assert.equal(status.code, 2, worker.lines.join("\n"));
+  assert.match(worker.lines.join("\n"), /^FATAL /);
+  return worker.lines;
+}
+
+/** Runs a worker for a while (until `ready` holds), stops it, and returns its lines. */
+async function runFor(
+  env: Record<string, string>,
+  ready: (lines: string[]) => boolean | Promise<boolean>,
+): Promise<string[]> {
+  const worker = spawnWorker(env);
+  try {
+    await until(
+      () => `the run got far enough:\n${worker.lines.join("\n")}`,
+      () => ready(worker.lines),
+    );
+  } finally {
+    const status = await worker.stop();
+    assert.equal(status.code, 0, worker.lines.join("\n"));
+  }
+  return worker.lines;
+}
+
+Deno.test({
+  name:
+    "reliability: no log line shows the IronMQ token, the SSH key passphrase or the private key",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const token = randomSecret("tok");
+      const passphrase = randomSecret("pass");
+      const keyFile = `${sshd.dir}/secret_ed25519`;
+      await run("ssh-keygen", [
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        passphrase,
+        "-C",
+        "secret",
+        "-f",
+        keyFile,
+      ]);
+      await Deno.writeTextFile(
+        `${sshd.dir}/authorized_keys`,
+        `\n${await Deno.readTextFile(`${keyFile}.pub`)}`,
+        { append: true },
+      );
+      const queue = await startQueue({ token });
+      const command = await actor(sshd.dir);
+      const env = workerEnv(sshd, queue.server.url, {
+        IRON_TOKEN: token,
+        SSH_KEY_FILE: keyFile,
+        SSH_KEY_PASSPHRASE: passphrase,
+        TASK_COMMAND: command,
+        TASK_MAX_ATTEMPTS: "2",
+        LOG_LEVEL: "debug",
+      });
+      const lines: string[] = [];
+      try {
+        await queue.post([
+          JSON.stringify({ args: ["ok"] }),
+          JSON.stringify({ args: ["fail"] }),
+          JSON.stringify({ args: [1] }),
+          "plain text",
+        ]);
+        lines.push(
+          ...await runFor(
+            env,
+            async () =>
+              (await queue.peek(`${QUEUE}_failed`)).length === 2 &&
+              await queue.size() === 0,
+          ),
+        );
+        lines.push(
+          ...await runFor(
+            { ...env, IRON_TOKEN: randomSecret("wrong") },
+            (l) => l.some((line) => /reserve from jobs: .*HTTP 401/.test(line)),
+          ),
+          ...await runFor(
+            { ...env, SSH_PORT: String(sshd.port + 1) },
+            (l) => l.some((line) => /cannot connect/.test(line)),
+          ),
+          ...await runEmbedded(env, token),
+          ...await refusedStart({ ...env, SSH_KEY_PASSPHRASE: "wrong-pass" }),
+          ...await refusedStart({ ...env, SSH_KEY_PASSPHRASE: "" }),
+          ...await refusedStart({ ...env, IRON_PORT: "http" }),
+          ...await refusedStart({ ...env, IRON_SCHEME: "ftp" }),
+          ...await refusedStart({ ...env, IRON_PROJECT_ID: "" }),
+          ...await refusedStart({ ...env, SSH_KEY_FILE: `${keyFile}.missing` }),
+        );
+      } finally {
+        await queue.close();
+      }
+      const keyLines = (await Deno.readTextFile(keyFile)).split("\n")
+        .map((l) => l.trim()).filter((l) => l !== "");
+      assert.ok(lines.length > 20, `a real log:\n${lines.join("\n")}`);
+      assert.match(lines.join("\n"), /exit: 3/);
+      for (const line of lines) {
+        assert.ok(!line.includes(token), `the token leaked: ${line}`);
+        assert.ok(!line.includes(passphrase), `the passphrase leaked: ${line}`);
+        for (const keyLine of keyLines) {
+          assert.ok(!line.includes(keyLine), `key material leaked: ${line}`);
+        }
+      }
+      console.log(`secrets: ${lines.length} log lines checked, none leaks`);
+    }),
+});
+
+/** The worker with its embedded server and MQ_TOKEN: its curl line must not show the token. */
+async function runEmbedded(
+  env: Record<string, string>,
+  token: string,
+): Promise<string[]> {
+  const embedded: Record<string, string> = {
+    ...env,
+    MQ_TOKEN: token,
+    MQ_DB: ":memory:",
+    MQ_PORT: "0",
+  };
+  for (
+    const name of ["IRON_HOST", "IRON_PORT", "IRON_PROJECT_ID", "IRON_TOKEN"]
+  ) {
+    delete embedded[name];
+  }
+  const lines = await runFor(
+    embedded,
+    (l) => l.some((line) => /post a test message: curl /.test(line)),
+  );
+  assert.match(lines.join("\n"), /OAuth \$MQ_TOKEN/);
+  return lines;
+}
