@@ -8,7 +8,6 @@ import assert from "node:assert/strict";
 import {
   type CommandRunner,
   IronMqClient,
-  LineSplitter,
   realClock,
   Worker,
 } from "./tasks.ts";
@@ -17,10 +16,25 @@ import {
   type QueueServerOptions,
   startQueueServer,
 } from "./mq_server.ts";
-import { needs, run, type Sshd, sshdMissing, startSshd } from "./test_sshd.ts";
+import {
+  needs,
+  run,
+  type Sshd,
+  sshdMissing,
+  startSshd,
+  withSshd,
+} from "./test_sshd.ts";
+import {
+  type Collected,
+  eventually,
+  fastClock,
+  mulberry32,
+  sleep,
+  spawnCollecting,
+  until,
+} from "./test_support.ts";
 
 const sshdTest = needs(sshdMissing(), "reliability tests with a real sshd");
-const REPO = new URL(".", import.meta.url).pathname;
 const PROJECT = "rel";
 const QUEUE = "jobs";
 
@@ -28,61 +42,8 @@ const QUEUE = "jobs";
 // Small helpers
 // ---------------------------------------------------------------------------
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-/** Polls `cond` until it holds; false (not a throw) when `ms` passed first. */
-async function eventually(
-  cond: () => boolean | Promise<boolean>,
-  ms: number,
-): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) return false;
-    await sleep(25);
-  }
-  return true;
-}
-
-/** Like eventually, but throws; `what` may be a function, for the state at the end. */
-async function until(
-  what: string | (() => string),
-  cond: () => boolean | Promise<boolean>,
-  ms = 30_000,
-): Promise<void> {
-  if (!(await eventually(cond, ms))) {
-    const text = typeof what === "string" ? what : what();
-    throw new Error(`timed out waiting: ${text}`);
-  }
-}
-
-/** A small seeded generator, so a failing run can be replayed. */
-function mulberry32(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function seed(): number {
   return Number(Deno.env.get("RELIABILITY_SEED") ?? Date.now() % 1e9);
-}
-
-/** A server clock running `factor` times faster, so reservations expire in seconds. */
-function fastClock(factor: number): () => number {
-  const t0 = Date.now();
-  return () => t0 + (Date.now() - t0) * factor;
-}
-
-async function withSshd(fn: (sshd: Sshd) => Promise<void>): Promise<void> {
-  const sshd = await startSshd();
-  try {
-    await fn(sshd);
-  } finally {
-    await sshd.stop();
-    await Deno.remove(sshd.dir, { recursive: true });
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -164,48 +125,9 @@ async function startQueue(
 // The worker as a subprocess
 // ---------------------------------------------------------------------------
 
-interface WorkerProcess {
-  /** Every stdout and stderr line so far. */
-  lines: string[];
-  /** Whether the process has ended (by itself or by a signal we sent). */
-  exited(): boolean;
-  /** Sends `signal` and waits for the end and the last output. */
-  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
-}
-
-function spawnWorker(env: Record<string, string>): WorkerProcess {
-  const child = new Deno.Command("deno", {
-    args: ["run", "--allow-all", "tasks.ts"],
-    env,
-    cwd: REPO,
-    clearEnv: true,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const lines: string[] = [];
-  const collect = async (stream: ReadableStream<Uint8Array>) => {
-    const splitter = new LineSplitter((l) => lines.push(l));
-    for await (const chunk of stream) splitter.push(chunk);
-    splitter.end();
-  };
-  const drained = Promise.all([collect(child.stdout), collect(child.stderr)]);
-  let ended = false;
-  child.status.then(() => ended = true);
-  return {
-    lines,
-    exited: () => ended,
-    async stop(signal = "SIGTERM") {
-      try {
-        child.kill(signal);
-      } catch {
-        // already ended
-      }
-      const status = await child.status;
-      await drained;
-      return status;
-    },
-  };
+/** The worker as a subprocess, with its output lines kept. */
+function spawnWorker(env: Record<string, string>): Collected {
+  return spawnCollecting("deno", ["run", "--allow-all", "tasks.ts"], env);
 }
 
 function workerEnv(

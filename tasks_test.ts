@@ -46,9 +46,16 @@ import {
   run,
   type Sshd,
   sshdMissing,
-  type SshdOptions,
-  startSshd,
+  withSshd,
 } from "./test_sshd.ts";
+import {
+  fastClock,
+  memoryLog,
+  mulberry32,
+  REPO,
+  spawnCollecting,
+  until,
+} from "./test_support.ts";
 
 /** Tests that need OpenSSH (sshd, ssh-keygen): skipped with a reason, or failing under CI. */
 const sshdTest = needs(sshdMissing(), "tests with a real sshd");
@@ -418,18 +425,6 @@ Deno.test("log format: plain for info, marked for problems, secrets masked", () 
 // The SSH runner against a real sshd on loopback
 // ---------------------------------------------------------------------------
 
-/** A log that keeps its lines for assertions. */
-function memoryLog(): Log & { lines: string[] } {
-  const lines: string[] = [];
-  return {
-    lines,
-    debug: (t) => lines.push(`DEBUG ${t}`),
-    info: (t) => lines.push(t),
-    warn: (t) => lines.push(`WARN ${t}`),
-    error: (t) => lines.push(`ERROR ${t}`),
-  };
-}
-
 function sshConfigFor(sshd: Sshd, env: Env = {}): Config {
   return parseConfig(
     {
@@ -476,19 +471,6 @@ async function runCollect(
     at += c.length;
   }
   return { result, stdout: new TextDecoder().decode(bytes), stderr };
-}
-
-async function withSshd(
-  fn: (sshd: Sshd) => Promise<void>,
-  options: SshdOptions = {},
-) {
-  const sshd = await startSshd(options);
-  try {
-    await fn(sshd);
-  } finally {
-    await sshd.stop();
-    await Deno.remove(sshd.dir, { recursive: true });
-  }
 }
 
 Deno.test({
@@ -568,16 +550,6 @@ function randomArgs(random: () => number): string[] {
     }
     return arg;
   });
-}
-
-/** A small seeded generator, so a failure can be replayed. */
-function mulberry32(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 Deno.test({
@@ -810,19 +782,6 @@ class FakeRunner implements CommandRunner {
 
 const exit = (code: number): Promise<RunResult> =>
   Promise.resolve({ kind: "exit", code });
-
-/** Waits for `cond` to hold, polling; fails after `ms`. */
-async function until(
-  what: string,
-  cond: () => boolean | Promise<boolean>,
-  ms = 10_000,
-): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting: ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 interface Harness {
   server: QueueServer;
@@ -1069,8 +1028,7 @@ Deno.test("worker: on stop, a command that outlives the grace period is stopped 
 
 Deno.test("worker: a command longer than its reservation keeps it by touching", async () => {
   // The server's clock runs 20 times faster: its 30 s reservation lasts 1.5 s here.
-  const t0 = Date.now();
-  const h = await harness({ now: () => t0 + (Date.now() - t0) * 20 });
+  const h = await harness({ now: fastClock(20) });
   let release: () => void = () => {};
   const runner = new FakeRunner(() =>
     new Promise((resolve) => {
@@ -1096,58 +1054,6 @@ Deno.test("worker: a command longer than its reservation keeps it by touching", 
 // ---------------------------------------------------------------------------
 // End to end: `deno task start`, the curl line it logs, a real sshd
 // ---------------------------------------------------------------------------
-
-/** A child process whose stdout lines are collected as they come. */
-function spawnCollecting(
-  cmd: string,
-  args: string[],
-  env: Record<string, string>,
-  cwd = new URL(".", import.meta.url).pathname,
-) {
-  const child = new Deno.Command(cmd, {
-    args,
-    env,
-    cwd,
-    clearEnv: true,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const lines: string[] = [];
-  const collect = async (stream: ReadableStream<Uint8Array>) => {
-    const splitter = new LineSplitter((l) => lines.push(l));
-    for await (const chunk of stream) splitter.push(chunk);
-    splitter.end();
-  };
-  const drained = Promise.all([
-    collect(child.stdout),
-    collect(child.stderr),
-  ]);
-  return {
-    child,
-    lines,
-    /** Waits for a line matching `pattern` and returns it. */
-    async line(pattern: RegExp, ms = 30_000): Promise<string> {
-      let found: string | undefined;
-      await until(
-        `a line matching ${pattern}\n${lines.join("\n")}`,
-        () => (found = lines.find((l) => pattern.test(l))) !== undefined,
-        ms,
-      );
-      return found!;
-    },
-    async stop(): Promise<Deno.CommandStatus> {
-      try {
-        child.kill("SIGTERM");
-      } catch {
-        // already ended
-      }
-      const status = await child.status;
-      await drained;
-      return status;
-    },
-  };
-}
 
 /** A remote command that records its argv (NUL-separated) in a new file in `dir`. */
 async function recorder(dir: string): Promise<string> {
@@ -1291,7 +1197,6 @@ Deno.test({
   ...needs(runitMissing(), "the runit test"),
   fn: () =>
     withSshd(async (sshd) => {
-      const repo = new URL(".", import.meta.url).pathname;
       const base = await Deno.makeTempDir({ prefix: "tasks-runit-" });
       const name = `tasks-test-${crypto.randomUUID().slice(0, 8)}`;
       const service = `${base}/${name}`;
@@ -1309,7 +1214,7 @@ Deno.test({
           "deno.lock",
         ]
       ) {
-        await Deno.copyFile(`${repo}/${file}`, `${service}/${file}`);
+        await Deno.copyFile(`${REPO}/${file}`, `${service}/${file}`);
       }
       await Deno.chmod(sshd.clientKeyFile, 0o644); // the worker runs as sshd.user
       const command = await recorder(sshd.dir);

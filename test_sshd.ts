@@ -248,3 +248,17 @@ export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
     },
   };
 }
+
+/** Runs `fn` with a fresh sshd, then stops it and removes its folder. */
+export async function withSshd(
+  fn: (sshd: Sshd) => Promise<void>,
+  options: SshdOptions = {},
+): Promise<void> {
+  const sshd = await startSshd(options);
+  try {
+    await fn(sshd);
+  } finally {
+    await sshd.stop();
+    await Deno.remove(sshd.dir, { recursive: true });
+  }
+}
