@@ -11,11 +11,7 @@ import {
   realClock,
   Worker,
 } from "./tasks.ts";
-import {
-  type QueueServer,
-  type QueueServerOptions,
-  startQueueServer,
-} from "./mq_server.ts";
+import type { QueueServerOptions } from "./mq_server.ts";
 import {
   needs,
   run,
@@ -31,6 +27,9 @@ import {
   mulberry32,
   sleep,
   spawnCollecting,
+  startTestQueue,
+  type StoredMessage,
+  type TestQueue,
   until,
 } from "./test_support.ts";
 
@@ -50,75 +49,8 @@ function seed(): number {
 // The queue server, seen directly (never through the proxy)
 // ---------------------------------------------------------------------------
 
-interface Message {
-  id: string;
-  body: string;
-  reserved_count: number;
-}
-
-interface TestQueue {
-  server: QueueServer;
-  post(bodies: string[]): Promise<string[]>;
-  size(queue?: string): Promise<number>;
-  peek(queue: string): Promise<Message[]>;
-  reserve(): Promise<Message[]>;
-  close(): Promise<void>;
-}
-
-async function startQueue(
-  options: QueueServerOptions = {},
-): Promise<TestQueue> {
-  const server = await startQueueServer({
-    port: 0,
-    dbPath: ":memory:",
-    ...options,
-  });
-  const api = async (method: string, path: string, body?: unknown) => {
-    const headers: Record<string, string> = {
-      "Content-Type": "application/json",
-    };
-    if (options.token) headers.Authorization = `OAuth ${options.token}`;
-    const response = await fetch(
-      `${server.url}/3/projects/${PROJECT}/queues/${path}`,
-      {
-        method,
-        headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
-      },
-    );
-    const reply: Record<string, unknown> = await response.json();
-    if (!response.ok && response.status !== 404) {
-      throw new Error(`${method} ${path}: ${JSON.stringify(reply)}`);
-    }
-    return reply;
-  };
-  const messages = (reply: Record<string, unknown>) =>
-    (reply.messages ?? []) as Message[];
-  return {
-    server,
-    post: async (bodies) => {
-      const ids: string[] = [];
-      for (let i = 0; i < bodies.length; i += 100) {
-        const batch = bodies.slice(i, i + 100).map((body) => ({ body }));
-        const reply = await api("POST", `${QUEUE}/messages`, {
-          messages: batch,
-        });
-        ids.push(...(reply.ids as string[]));
-      }
-      return ids;
-    },
-    size: async (queue = QUEUE) => {
-      const reply = await api("GET", queue);
-      return (reply.queue as { size: number } | undefined)?.size ?? 0;
-    },
-    peek: async (queue) =>
-      messages(await api("GET", `${queue}/messages?n=100`)),
-    reserve: async () =>
-      messages(
-        await api("POST", `${QUEUE}/reservations`, { n: 10, wait: 0 }),
-      ),
-    close: () => server.close(),
-  };
+function startQueue(options: QueueServerOptions = {}): Promise<TestQueue> {
+  return startTestQueue(options, PROJECT, QUEUE);
 }
 
 // ---------------------------------------------------------------------------
@@ -709,7 +641,7 @@ Deno.test("reliability: a failing command that outlived its reservation (kept by
   );
   const stop = new AbortController();
   const running = worker.run(stop.signal);
-  let dead: Message[] = [];
+  let dead: StoredMessage[] = [];
   try {
     await queue.post(QUEUE, ["long"]);
     await eventually(
@@ -750,7 +682,7 @@ Deno.test({
         }),
       );
       let status: Deno.CommandStatus | undefined;
-      let dead: Message[] = [];
+      let dead: StoredMessage[] = [];
       try {
         await until(
           () => `both dead-lettered:\n${worker.lines.join("\n")}`,
@@ -823,7 +755,7 @@ Deno.test({
       );
       let status: Deno.CommandStatus | undefined;
       let took = 0;
-      let left: Message[] = [];
+      let left: StoredMessage[] = [];
       try {
         await until("both started", async () =>
           (await fileText(`${sshd.dir}/quick`)) === "start\n" &&

@@ -13,7 +13,6 @@ import {
   fingerprint,
   formatRecord,
   hostFieldMatches,
-  IronMqClient,
   keyTypeOfBlob,
   knownKeyAlgorithms,
   LineSplitter,
@@ -23,7 +22,6 @@ import {
   parseKnownHosts,
   permissionFlags,
   planCommand,
-  type QueueConfig,
   realClock,
   retryDelaySeconds,
   type RunIo,
@@ -34,11 +32,7 @@ import {
   Worker,
   type WorkerDeps,
 } from "./tasks.ts";
-import {
-  type QueueServer,
-  type QueueServerOptions,
-  startQueueServer,
-} from "./mq_server.ts";
+import type { QueueServerOptions } from "./mq_server.ts";
 import {
   freePort,
   killChildren,
@@ -54,6 +48,8 @@ import {
   mulberry32,
   REPO,
   spawnCollecting,
+  startTestQueue,
+  type TestQueue,
   until,
 } from "./test_support.ts";
 
@@ -783,59 +779,13 @@ class FakeRunner implements CommandRunner {
 const exit = (code: number): Promise<RunResult> =>
   Promise.resolve({ kind: "exit", code });
 
-interface Harness {
-  server: QueueServer;
-  queue: IronMqClient;
-  log: Log & { lines: string[] };
-  api(method: string, path: string, body?: unknown): Promise<Json>;
-  post(...bodies: string[]): Promise<string[]>;
-  info(queue?: string): Promise<{ size: number; total_messages: number }>;
-  peek(
-    queue: string,
-  ): Promise<{ id: string; body: string; reserved_count: number }[]>;
-  close(): Promise<void>;
-}
-
-type Json = Record<string, unknown>;
+/** A queue server for one test, and a log for its worker. */
+type Harness = TestQueue & { log: Log & { lines: string[] } };
 
 async function harness(
   serverOptions: QueueServerOptions = {},
 ): Promise<Harness> {
-  const server = await startQueueServer({
-    port: 0,
-    dbPath: ":memory:",
-    ...serverOptions,
-  });
-  const config: QueueConfig = {
-    baseUrl: server.url,
-    projectId: "test",
-    queueName: "jobs",
-  };
-  const queue = new IronMqClient(config);
-  const api = async (method: string, path: string, body?: unknown) => {
-    const response = await fetch(`${server.url}/3/projects/test${path}`, {
-      method,
-      headers: { "Content-Type": "application/json" },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    return await response.json() as Json;
-  };
-  return {
-    server,
-    queue,
-    log: memoryLog(),
-    api,
-    post: (...bodies) => queue.post("jobs", bodies),
-    info: async (name = "jobs") =>
-      (await api("GET", `/queues/${name}`)).queue as {
-        size: number;
-        total_messages: number;
-      },
-    peek: async (name) =>
-      ((await api("GET", `/queues/${name}/messages?n=100`)).messages ??
-        []) as { id: string; body: string; reserved_count: number }[],
-    close: () => server.close(),
-  };
+  return { ...await startTestQueue(serverOptions), log: memoryLog() };
 }
 
 function taskConfig(overrides: Partial<TaskConfig> = {}): TaskConfig {
@@ -862,7 +812,7 @@ function startWorker(
 ) {
   const worker = new Worker(
     taskConfig(task),
-    { queue: h.queue, runner, log: h.log, clock: realClock, ...deps },
+    { queue: h.client, runner, log: h.log, clock: realClock, ...deps },
     "203.0.113.9",
     "jobs",
   );
@@ -886,7 +836,7 @@ Deno.test("worker: runs each message, logs like Fabric, then deletes it", async 
   });
   const w = startWorker(h, runner);
   try {
-    await h.post("hello world!", JSON.stringify({ args: ["a", "b c"] }));
+    await h.post(["hello world!", JSON.stringify({ args: ["a", "b c"] })]);
     await until("queue drained", async () => (await h.info()).size === 0);
     await until("both ran", () => runner.commands.length === 2);
   } finally {
@@ -910,7 +860,7 @@ Deno.test("worker: a failing command is released and retried, then dead-lettered
   const w = startWorker(h, runner, { maxAttempts: 3 });
   let id: string;
   try {
-    [id] = await h.post("hello world!");
+    [id] = await h.post(["hello world!"]);
     await until(
       "dead-lettered",
       async () => (await h.peek("jobs_failed")).length === 1,
@@ -943,7 +893,7 @@ Deno.test("worker: a body whose args are invalid runs nothing and goes to the de
   const runner = new FakeRunner(() => exit(0));
   const w = startWorker(h, runner);
   try {
-    await h.post(JSON.stringify({ args: ["ok", 5] }));
+    await h.post([JSON.stringify({ args: ["ok", 5] })]);
     await until(
       "dead-lettered",
       async () => (await h.peek("jobs_failed")).length === 1,
@@ -969,7 +919,7 @@ Deno.test("worker: SSH failures release the message and never dead-letter it", a
   );
   const w = startWorker(h, runner, { maxAttempts: 1 });
   try {
-    await h.post("x");
+    await h.post(["x"]);
     await until("tried twice", () => runner.commands.length >= 2);
   } finally {
     await w.stop();
@@ -997,10 +947,10 @@ Deno.test("worker: on stop, a command that outlives the grace period is stopped 
     );
   });
   const w = startWorker(h, runner, { shutdownGraceMs: 800 });
-  await h.post(
+  await h.post([
     JSON.stringify({ args: ["slow"] }),
     JSON.stringify({ args: ["quick"] }),
-  );
+  ]);
   await until("both started", () => started === 2);
   const stopping = Date.now();
   await w.stop();
@@ -1015,7 +965,7 @@ Deno.test("worker: on stop, a command that outlives the grace period is stopped 
     );
     assert.deepEqual(JSON.parse(left[0].body), { args: ["slow"] });
     // Released, not left reserved: it can be reserved again right away.
-    const again = await h.queue.reserve(1, 30, 0);
+    const again = await h.client.reserve(1, 30, 0);
     assert.equal(again.length, 1);
     assert.match(
       h.log.lines.join("\n"),
@@ -1037,10 +987,10 @@ Deno.test("worker: a command longer than its reservation keeps it by touching", 
   );
   const w = startWorker(h, runner, {}, { touchIntervalMs: 400 });
   try {
-    await h.post("long");
+    await h.post(["long"]);
     await until("started", () => runner.commands.length === 1);
     await new Promise((r) => setTimeout(r, 4_000)); // 80 s of server time
-    const other = await h.queue.reserve(1, 30, 0);
+    const other = await h.client.reserve(1, 30, 0);
     assert.equal(other.length, 0, "no other reserver got it while it ran");
     release();
     await until("deleted", async () => (await h.info()).size === 0);
@@ -1361,7 +1311,7 @@ Deno.test({
         maxAttempts: 1000,
       });
       try {
-        await h.post("hello world!");
+        await h.post(["hello world!"]);
         await until("two attempts", async () =>
           (await Deno.readTextFile(marker).catch(() =>
             ""

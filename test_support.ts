@@ -1,9 +1,15 @@
 /**
  * Helpers shared by the test files: waiting, seeded randomness, a fast server
- * clock, an in-memory log, and child processes whose output lines are kept.
+ * clock, an in-memory log, child processes whose output lines are kept, and the
+ * embedded queue server with ways to look inside.
  */
 
-import { LineSplitter, type Log } from "./tasks.ts";
+import { IronMqClient, LineSplitter, type Log } from "./tasks.ts";
+import {
+  type QueueServer,
+  type QueueServerOptions,
+  startQueueServer,
+} from "./mq_server.ts";
 
 export const REPO = new URL(".", import.meta.url).pathname;
 
@@ -123,5 +129,91 @@ export function spawnCollecting(
       await drained;
       return status;
     },
+  };
+}
+
+export interface StoredMessage {
+  id: string;
+  body: string;
+  reserved_count: number;
+}
+
+type Json = Record<string, unknown>;
+
+/** The embedded queue server, in memory on a free port, and ways to look inside. */
+export interface TestQueue {
+  server: QueueServer;
+  /** The worker's own client, for `queue` in `project`. */
+  client: IronMqClient;
+  /** A v3 call below /3/projects/<project>; throws on errors other than 404. */
+  api(method: string, path: string, body?: unknown): Promise<Json>;
+  post(bodies: string[]): Promise<string[]>;
+  info(queue?: string): Promise<{ size: number; total_messages: number }>;
+  size(queue?: string): Promise<number>;
+  /** Available messages, without reserving them. */
+  peek(queue?: string): Promise<StoredMessage[]>;
+  reserve(n?: number): Promise<StoredMessage[]>;
+  close(): Promise<void>;
+}
+
+export async function startTestQueue(
+  options: QueueServerOptions = {},
+  project = "test",
+  queue = "jobs",
+): Promise<TestQueue> {
+  const server = await startQueueServer({
+    port: 0,
+    dbPath: ":memory:",
+    ...options,
+  });
+  const client = new IronMqClient({
+    baseUrl: server.url,
+    projectId: project,
+    queueName: queue,
+    token: options.token,
+  });
+  const api = async (method: string, path: string, body?: unknown) => {
+    const headers: Record<string, string> = {
+      "Content-Type": "application/json",
+    };
+    if (options.token) headers.Authorization = `OAuth ${options.token}`;
+    const response = await fetch(`${server.url}/3/projects/${project}${path}`, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const reply: Json = await response.json();
+    if (!response.ok && response.status !== 404) {
+      throw new Error(`${method} ${path}: ${JSON.stringify(reply)}`);
+    }
+    return reply;
+  };
+  const messages = (reply: Json) => (reply.messages ?? []) as StoredMessage[];
+  const info = async (name = queue) =>
+    ((await api("GET", `/queues/${name}`)).queue ??
+      { size: 0, total_messages: 0 }) as {
+        size: number;
+        total_messages: number;
+      };
+  return {
+    server,
+    client,
+    api,
+    post: async (bodies) => {
+      const ids: string[] = [];
+      for (let i = 0; i < bodies.length; i += 100) {
+        ids.push(...await client.post(queue, bodies.slice(i, i + 100)));
+      }
+      return ids;
+    },
+    info,
+    size: async (name) => (await info(name)).size,
+    peek: async (name = queue) =>
+      messages(await api("GET", `/queues/${name}/messages?n=100`)),
+    reserve: async (n = 10) =>
+      messages(
+        await api("POST", `/queues/${queue}/reservations`, { n, wait: 0 }),
+      ),
+    close: () => server.close(),
   };
 }
