@@ -40,6 +40,7 @@ import {
   run,
   type Sshd,
   sshdMissing,
+  sshEnv,
   withSshd,
 } from "./test_sshd.ts";
 import {
@@ -424,12 +425,7 @@ Deno.test("log format: plain for info, marked for problems, secrets masked", () 
 function sshConfigFor(sshd: Sshd, env: Env = {}): Config {
   return parseConfig(
     {
-      SSH_HOST: sshd.host,
-      SSH_PORT: String(sshd.port),
-      SSH_USER: sshd.user,
-      SSH_KEY_FILE: sshd.clientKeyFile,
-      SSH_KNOWN_HOSTS: sshd.knownHostsFile,
-      SSH_CONNECT_TIMEOUT: "5",
+      ...sshEnv(sshd),
       ...env,
     },
     context(),
@@ -1034,11 +1030,7 @@ function workerEnv(sshd: Sshd, extra: Record<string, string>) {
     HOME: sshd.dir,
     DENO_DIR: Deno.env.get("DENO_DIR") ??
       `${Deno.env.get("HOME")}/.cache/deno`,
-    SSH_HOST: sshd.host,
-    SSH_PORT: String(sshd.port),
-    SSH_USER: sshd.user,
-    SSH_KEY_FILE: sshd.clientKeyFile,
-    SSH_KNOWN_HOSTS: sshd.knownHostsFile,
+    ...sshEnv(sshd),
     MQ_DB: ":memory:",
     MQ_PORT: String(freePort()),
     ...extra,
@@ -1170,11 +1162,7 @@ Deno.test({
       const command = await recorder(sshd.dir);
       const settings: Record<string, string> = {
         TASKS_USER: sshd.user,
-        SSH_HOST: sshd.host,
-        SSH_PORT: String(sshd.port),
-        SSH_USER: sshd.user,
-        SSH_KEY_FILE: sshd.clientKeyFile,
-        SSH_KNOWN_HOSTS: sshd.knownHostsFile,
+        ...sshEnv(sshd),
         TASK_COMMAND: command,
         MQ_PORT: String(freePort()),
         MQ_DB: ":memory:",

@@ -249,6 +249,18 @@ export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
   };
 }
 
+/** The worker's SSH_* settings for this server. */
+export function sshEnv(sshd: Sshd): Record<string, string> {
+  return {
+    SSH_HOST: sshd.host,
+    SSH_PORT: String(sshd.port),
+    SSH_USER: sshd.user,
+    SSH_KEY_FILE: sshd.clientKeyFile,
+    SSH_KNOWN_HOSTS: sshd.knownHostsFile,
+    SSH_CONNECT_TIMEOUT: "5",
+  };
+}
+
 /** Runs `fn` with a fresh sshd, then stops it and removes its folder. */
 export async function withSshd(
   fn: (sshd: Sshd) => Promise<void>,
