@@ -706,20 +706,33 @@ export class IronMqClient {
     if (this.config.token !== undefined) {
       headers.Authorization = `OAuth ${this.config.token}`;
     }
-    const timeout = AbortSignal.timeout((waitSeconds + 30) * 1000);
+    // A timer cleared once the reply is read: AbortSignal.timeout() would keep
+    // every request's signal alive for its full 30 s, thousands at a time.
+    const timeout = new AbortController();
+    const timer = setTimeout(
+      () => timeout.abort(new Error("no reply within the time limit")),
+      (waitSeconds + 30) * 1000,
+    );
+    const onStop = () => timeout.abort(signal?.reason);
+    if (signal?.aborted) onStop();
+    signal?.addEventListener("abort", onStop, { once: true });
     let response: Response;
+    let text: string;
     try {
       response = await this.fetchFn(url, {
         method,
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
-        signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
+        signal: timeout.signal,
       });
+      text = await response.text();
     } catch (e) {
       if (signal?.aborted) throw e;
       throw new QueueError(`${where}: ${errorText(e)}`, undefined, true);
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onStop);
     }
-    const text = await response.text().catch(() => "");
     if (!response.ok) {
       const status = response.status;
       const retryable = status >= 500 || status === 408 || status === 429;

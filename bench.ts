@@ -1,0 +1,1321 @@
+/**
+ * bench.ts: how fast the worker drains a queue, how soon it picks up a message
+ * and how much memory it holds, next to a seed-style loop and the raw SSH floor.
+ *
+ * One run measures everything side by side (this 2-core machine is shared and
+ * noisy) against a real sshd on loopback and the embedded queue server with a
+ * file database in a temporary directory, then prints one table with the
+ * targets of issue 5. The drain and pickup measures run the worker in-process
+ * (IronMqClient + SshPool + Worker, logging at info into a sink that drops the
+ * formatted lines); the memory measure runs the worker as a process through
+ * ./start, as `deno task start` and runit do (its permissions, its V8 flags).
+ *
+ * Sizes come from flags or BENCH_* variables (see SIZE_SETTINGS); 0 skips a
+ * measure, `--smoke` starts from tiny sizes.
+ * Run: deno task bench [--drain=500] [--smoke]
+ */
+
+import { Buffer } from "node:buffer";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+// @ts-types="@types/ssh2"
+import { Client } from "ssh2";
+import {
+  type CommandRunner,
+  type Env,
+  IronMqClient,
+  loadSshCredentials,
+  type Log,
+  parseConfig,
+  planCommand,
+  realClock,
+  type RunIo,
+  type RunResult,
+  setupLogging,
+  SshPool,
+  Worker,
+} from "./tasks.ts";
+import { type QueueServer, startQueueServer } from "./mq_server.ts";
+import { run, type Sshd, startSshd } from "./test_sshd.ts";
+
+// ---------------------------------------------------------------------------
+// Options: flags beat BENCH_* variables beat the defaults
+// ---------------------------------------------------------------------------
+
+export interface Sizes {
+  /** Messages drained at the default concurrency and at concurrency 1. */
+  drain: number;
+  /** Messages posted one at a time to an idle worker. */
+  pickups: number;
+  /** Messages the worker process drains, twice, while its memory is sampled. */
+  rss: number;
+  /** Messages the seed-style loop drains. */
+  baseline: number;
+  /** Messages posted one at a time to the idle seed-style loop. */
+  baselinePickups: number;
+  /** The seed-style loop's sleep on an empty queue, in seconds. */
+  baselineSleep: number;
+  /** `true` execs for each raw floor figure. */
+  floor: number;
+  /** Messages reserved and deleted in batches of 100 by the queue micro-measure. */
+  mq: number;
+  /** Long-poll wake-ups timed by the queue micro-measure. */
+  wakes: number;
+  /** Seconds the worker process is left idle before its memory is read. */
+  settle: number;
+}
+
+export const FULL_SIZES: Sizes = {
+  drain: 2000,
+  pickups: 200,
+  rss: 10_000,
+  baseline: 100,
+  baselinePickups: 5,
+  baselineSleep: 10,
+  floor: 1000,
+  mq: 5000,
+  wakes: 200,
+  settle: 5,
+};
+
+export const SMOKE_SIZES: Sizes = {
+  drain: 20,
+  pickups: 5,
+  rss: 100,
+  baseline: 3,
+  baselinePickups: 2,
+  baselineSleep: 0.2,
+  floor: 20,
+  mq: 200,
+  wakes: 5,
+  settle: 0.2,
+};
+
+/** Each size's flag (`--baseline-sleep=2`) and variable (`BENCH_BASELINE_SLEEP=2`). */
+const SIZE_SETTINGS = Object.fromEntries(
+  (Object.keys(FULL_SIZES) as (keyof Sizes)[]).map((key) => {
+    const words = key.split(/(?=[A-Z])/).map((w) => w.toLowerCase());
+    return [key, {
+      flag: words.join("-"),
+      variable: `BENCH_${words.join("_").toUpperCase()}`,
+      whole: key !== "baselineSleep" && key !== "settle",
+    }];
+  }),
+) as Record<keyof Sizes, { flag: string; variable: string; whole: boolean }>;
+
+export interface BenchOptions {
+  sizes: Sizes;
+}
+
+export function readOptions(args: string[], env: Env): BenchOptions {
+  const settings = Object.entries(SIZE_SETTINGS);
+  const options: Record<string, { type: "string" | "boolean" }> = {
+    smoke: { type: "boolean" },
+  };
+  for (const [, { flag }] of settings) options[flag] = { type: "string" };
+  const { values } = parseArgs({ args, options });
+  const given = (flag: string, variable: string) => {
+    const flagged = values[flag];
+    return typeof flagged === "string" ? flagged : env[variable];
+  };
+  const sizes = { ...(values.smoke === true ? SMOKE_SIZES : FULL_SIZES) };
+  for (const [key, { flag, variable, whole }] of settings) {
+    const text = given(flag, variable);
+    if (text === undefined || text === "") continue;
+    const value = Number(text);
+    if (!(value >= 0) || (whole && !Number.isInteger(value))) {
+      const kind = whole ? "a whole number" : "a number of seconds";
+      throw new Error(
+        `--${flag} (${variable}) must be ${kind} ≥ 0, got ${text}`,
+      );
+    }
+    sizes[key as keyof Sizes] = value;
+  }
+  return { sizes };
+}
+
+// ---------------------------------------------------------------------------
+// Small measuring helpers
+// ---------------------------------------------------------------------------
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Wall-clock milliseconds with sub-millisecond resolution, comparable with `date +%s%N`. */
+const wallMs = () => performance.timeOrigin + performance.now();
+
+/** Nearest-rank percentile. */
+export function percentile(samples: number[], p: number): number {
+  if (samples.length === 0) return NaN;
+  const sorted = [...samples].sort((a, b) => a - b);
+  const rank = Math.ceil((p / 100) * sorted.length);
+  return sorted[Math.min(sorted.length, Math.max(1, rank)) - 1];
+}
+
+/** Polls `done` until true; throws after `timeoutMs`, or once `signal` aborts. */
+async function waitFor(
+  what: string,
+  done: () => boolean | Promise<boolean>,
+  timeoutMs: number,
+  pollMs = 5,
+  signal?: AbortSignal,
+): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  while (!(await done())) {
+    signal?.throwIfAborted();
+    if (performance.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    }
+    await sleep(pollMs);
+  }
+}
+
+/** Rate and cost of pushing `count` messages through something. */
+export interface Throughput {
+  count: number;
+  seconds: number;
+  perSecond: number;
+  msEach: number;
+}
+
+function throughput(count: number, startedAt: number): Throughput {
+  const seconds = (performance.now() - startedAt) / 1000;
+  return {
+    count,
+    seconds,
+    perSecond: count / seconds,
+    msEach: seconds * 1000 / count,
+  };
+}
+
+// ---------------------------------------------------------------------------
+// The rig: sshd, the queue server and a temporary directory
+// ---------------------------------------------------------------------------
+
+const PROJECT = "bench";
+
+interface Rig {
+  dir: string;
+  sshd: Sshd;
+  server: QueueServer;
+  /** The worker's log: LogTape at info, every line formatted, then dropped. */
+  log: Log;
+  client(queueName: string): IronMqClient;
+  stop(): Promise<void>;
+}
+
+async function startRig(): Promise<Rig> {
+  const dir = await Deno.makeTempDir({ prefix: "tasks-bench-" });
+  // The remote user (tasks-ssh when root) writes its timestamps in here.
+  await Deno.chmod(dir, 0o755);
+  const stops: (() => Promise<void>)[] = [
+    () => Deno.remove(dir, { recursive: true }),
+  ];
+  const stop = async () => {
+    for (const step of stops.reverse()) await step().catch(() => {});
+  };
+  try {
+    const sshd = await startSshd();
+    stops.push(async () => {
+      await sshd.stop();
+      await Deno.remove(sshd.dir, { recursive: true });
+    });
+    const server = await startQueueServer({
+      port: 0,
+      dbPath: `${dir}/bench.sqlite`,
+    });
+    stops.push(() => server.close());
+    const log = await setupLogging(() => {}, "info", []);
+    const client = (queueName: string) =>
+      new IronMqClient({ baseUrl: server.url, projectId: PROJECT, queueName });
+    return { dir, sshd, server, log, client, stop };
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+}
+
+/** The worker's settings for a bench queue, as the environment would give them. */
+function workerEnv(rig: Rig, queueName: string, extra: Env = {}): Env {
+  return {
+    IRON_HOST: "127.0.0.1",
+    IRON_PORT: String(rig.server.port),
+    IRON_SCHEME: "http",
+    IRON_PROJECT_ID: PROJECT,
+    IRON_MQ_QUEUE_NAME: queueName,
+    SSH_HOST: rig.sshd.host,
+    SSH_PORT: String(rig.sshd.port),
+    SSH_USER: rig.sshd.user,
+    SSH_KEY_FILE: rig.sshd.clientKeyFile,
+    SSH_KNOWN_HOSTS: rig.sshd.knownHostsFile,
+    TASK_COMMAND: "true",
+    ...extra,
+  };
+}
+
+async function postMany(
+  rig: Rig,
+  queueName: string,
+  bodies: string[],
+): Promise<void> {
+  const client = rig.client(queueName);
+  for (let i = 0; i < bodies.length; i += 100) {
+    await client.post(queueName, bodies.slice(i, i + 100));
+  }
+}
+
+const noOps = (count: number) => Array.from({ length: count }, () => "no-op");
+
+/** Messages in the queue, reserved ones included: 0 once all are deleted. */
+async function queueSize(rig: Rig, queueName: string): Promise<number> {
+  const response = await fetch(
+    `${rig.server.url}/3/projects/${PROJECT}/queues/${queueName}`,
+  );
+  const reply = await response.json() as { queue?: { size?: number } };
+  if (typeof reply.queue?.size !== "number") {
+    throw new Error(`no size for queue ${queueName}: ${JSON.stringify(reply)}`);
+  }
+  return reply.queue.size;
+}
+
+// ---------------------------------------------------------------------------
+// Remote start times: the command appends "<index> <date +%s%N>" to a file
+// ---------------------------------------------------------------------------
+
+async function newStampFile(rig: Rig, name: string): Promise<string> {
+  const path = `${rig.dir}/${name}.stamps`;
+  await Deno.writeTextFile(path, "");
+  await Deno.chmod(path, 0o666);
+  return path;
+}
+
+/** The base command; a message `{"args":["7"]}` makes it `stamp 7`. */
+function stampCommand(file: string): string {
+  return `stamp() { echo "$1 $(date +%s%N)" >> ${file}; }; stamp`;
+}
+
+const stampBody = (index: number) => JSON.stringify({ args: [String(index)] });
+
+/** Remote start (wall ms) by message index. */
+async function readStamps(file: string): Promise<Map<number, number>> {
+  const stamps = new Map<number, number>();
+  for (const line of (await Deno.readTextFile(file)).split("\n")) {
+    const [index, ns] = line.split(" ");
+    if (ns === undefined) continue;
+    stamps.set(Number(index), Number(BigInt(ns) / 1000n) / 1000);
+  }
+  return stamps;
+}
+
+async function latencies(file: string, postedAt: number[]): Promise<number[]> {
+  const stamps = await readStamps(file);
+  return postedAt.map((posted, i) => {
+    const started = stamps.get(i);
+    if (started === undefined) throw new Error(`message ${i} left no stamp`);
+    return started - posted;
+  });
+}
+
+// ---------------------------------------------------------------------------
+// The worker in-process: tasks.ts's own parts, configured as main() does
+// ---------------------------------------------------------------------------
+
+const quietIo = (): RunIo => ({
+  onStdout: () => {},
+  onStderr: () => {},
+  timeoutMs: 0,
+  signal: new AbortController().signal,
+});
+
+/** Passes commands on and counts the ones that ended, so waiting needs no polling. */
+class CountingRunner implements CommandRunner {
+  ended = 0;
+  readonly failures: string[] = [];
+  private waiters: { count: number; wake(): void }[] = [];
+
+  constructor(private readonly inner: CommandRunner) {}
+
+  ready(signal: AbortSignal): Promise<void> {
+    return this.inner.ready(signal);
+  }
+
+  async run(command: string, io: RunIo): Promise<RunResult> {
+    const result = await this.inner.run(command, io);
+    if (result.kind !== "exit" || result.code !== 0) {
+      this.failures.push(`${command}: ${JSON.stringify(result)}`);
+    }
+    this.ended++;
+    this.waiters = this.waiters.filter((w) => {
+      if (this.ended < w.count) return true;
+      w.wake();
+      return false;
+    });
+    return result;
+  }
+
+  close(): void {
+    this.inner.close();
+  }
+
+  /** Resolves once `count` commands have ended in all. */
+  until(count: number, timeoutMs: number): Promise<void> {
+    if (this.ended >= count) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        reject(
+          new Error(
+            `only ${this.ended} of ${count} commands ended within ${timeoutMs} ms`,
+          ),
+        );
+      }, timeoutMs);
+      this.waiters.push({
+        count,
+        wake: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+      });
+    });
+  }
+}
+
+interface InProcessWorker {
+  runner: CountingRunner;
+  concurrency: number;
+  stop(): Promise<void>;
+}
+
+/** Starts a worker whose SSH connections are already open (warm). */
+async function startWorker(
+  rig: Rig,
+  queueName: string,
+  extra: Env = {},
+): Promise<InProcessWorker> {
+  const config = parseConfig(workerEnv(rig, queueName, extra), {
+    home: rig.dir,
+    user: rig.sshd.user,
+    ironJsonFiles: [],
+    exists: () => false,
+  });
+  const { task, ssh } = config;
+  const pool = new SshPool(
+    ssh,
+    loadSshCredentials(ssh),
+    task.concurrency,
+    rig.log,
+  );
+  // As many commands at once as the worker runs opens every connection it will use.
+  const warm = await Promise.all(
+    Array.from({ length: task.concurrency }, () => pool.run("true", quietIo())),
+  );
+  if (warm.some((r) => r.kind !== "exit" || r.code !== 0)) {
+    pool.close();
+    throw new Error(`warm-up failed: ${JSON.stringify(warm)}`);
+  }
+  const runner = new CountingRunner(pool);
+  const worker = new Worker(
+    task,
+    {
+      queue: new IronMqClient(config.queue),
+      runner,
+      log: rig.log,
+      clock: realClock,
+    },
+    ssh.host,
+    queueName,
+  );
+  const controller = new AbortController();
+  const done = worker.run(controller.signal);
+  return {
+    runner,
+    concurrency: task.concurrency,
+    // Called once its messages are done: the second stop cuts the idle long-poll.
+    stop: async () => {
+      controller.abort();
+      worker.abortRunning();
+      await done;
+      pool.close();
+      if (runner.failures.length > 0) {
+        throw new Error(`commands failed: ${runner.failures.slice(0, 3)}`);
+      }
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------
+// 1. Drain throughput
+// ---------------------------------------------------------------------------
+
+export interface Drain extends Throughput {
+  concurrency: number;
+}
+
+async function measureDrain(
+  rig: Rig,
+  count: number,
+  concurrency?: number,
+): Promise<Drain> {
+  const queueName = `drain_${concurrency ?? "default"}`;
+  await postMany(rig, queueName, noOps(count));
+  const worker = await startWorker(
+    rig,
+    queueName,
+    concurrency === undefined ? {} : { TASK_CONCURRENCY: String(concurrency) },
+  );
+  let result: Throughput;
+  try {
+    const startedAt = performance.now();
+    await worker.runner.until(count, 30_000 + count * 50);
+    await waitFor(
+      "the last deletes",
+      async () => await queueSize(rig, queueName) === 0,
+      30_000,
+      1,
+    );
+    result = throughput(count, startedAt);
+  } finally {
+    await worker.stop();
+  }
+  return { ...result, concurrency: worker.concurrency };
+}
+
+// ---------------------------------------------------------------------------
+// 2. Pickup latency: post, wait until it ran, pause, post the next
+// ---------------------------------------------------------------------------
+
+/** Lets the delete finish and the worker settle back into its long-poll. */
+const IDLE_GAP_MS = 20;
+
+async function measurePickup(rig: Rig, count: number): Promise<number[]> {
+  const queueName = "pickup";
+  const file = await newStampFile(rig, queueName);
+  const worker = await startWorker(rig, queueName, {
+    TASK_COMMAND: stampCommand(file),
+  });
+  const client = rig.client(queueName);
+  const postedAt: number[] = [];
+  try {
+    await sleep(100); // its first reserve is waiting now
+    for (let i = 0; i < count; i++) {
+      postedAt.push(wallMs());
+      await client.post(queueName, [stampBody(i)]);
+      await worker.runner.until(i + 1, 10_000);
+      await sleep(IDLE_GAP_MS);
+    }
+  } finally {
+    await worker.stop();
+  }
+  return await latencies(file, postedAt);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Memory: the worker as its own process, /proc/<pid>/status sampled
+// ---------------------------------------------------------------------------
+
+export interface Memory {
+  /** Messages in each drain. */
+  messages: number;
+  /** MB, idle after a warm-up. */
+  startMb: number;
+  /** MB, the highest VmRSS sampled while draining. */
+  sampledPeakMb: number;
+  /** MB, the kernel's high-water mark (VmHWM) at the end. */
+  peakMb: number;
+  /** MB, idle after each drain and the settle time. */
+  afterMb: number[];
+  /** The first drain. */
+  drain: Throughput;
+}
+
+/**
+ * Drains in the memory measure. Growth is judged from the first to the last:
+ * V8's one-time heap growth is in the first already, while garbage that
+ * outlives the young generation, or a leak, keeps adding after it.
+ */
+const MEMORY_DRAINS = 3;
+
+function statusMb(pid: number, field: "VmRSS" | "VmHWM"): number {
+  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+  const match = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status);
+  if (!match) throw new Error(`no ${field} in /proc/${pid}/status`);
+  return Number(match[1]) / 1024;
+}
+
+/** Samples VmRSS every `everyMs` until stopped (or the process is gone); resolves to the highest seen. */
+function sampleRss(pid: number, everyMs: number) {
+  let stopped = false;
+  let peak = 0;
+  const sampling = (async () => {
+    while (!stopped) {
+      try {
+        peak = Math.max(peak, statusMb(pid, "VmRSS"));
+      } catch {
+        return;
+      }
+      await sleep(everyMs);
+    }
+  })();
+  return {
+    stop: async () => {
+      stopped = true;
+      await sampling;
+      return peak;
+    },
+  };
+}
+
+/** The worker through ./start with only the bench's settings (and what Deno needs to find its cache). */
+function spawnWorkerProcess(rig: Rig, queueName: string) {
+  const own = Deno.env.toObject();
+  const settings: Env = {
+    PATH: own.PATH,
+    HOME: own.HOME,
+    DENO_DIR: own.DENO_DIR,
+    NO_COLOR: "1",
+    ...workerEnv(rig, queueName, { LOG_LEVEL: "warning" }),
+  };
+  const env: Record<string, string> = {};
+  for (const [name, value] of Object.entries(settings)) {
+    if (value !== undefined) env[name] = value;
+  }
+  const repo = fileURLToPath(new URL(".", import.meta.url));
+  return new Deno.Command(`${repo}/start`, {
+    cwd: repo,
+    clearEnv: true,
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+}
+
+/**
+ * SIGTERM, and a second one (stop now, which cuts the idle long-poll) a moment
+ * later; SIGKILL if it hangs. Returns what the worker printed.
+ */
+async function stopProcess(
+  child: Deno.ChildProcess,
+  output: Promise<Deno.CommandOutput>,
+): Promise<string> {
+  const signal = (name: Deno.Signal) => {
+    try {
+      child.kill(name);
+    } catch {
+      // already gone
+    }
+  };
+  signal("SIGTERM");
+  const timers = [
+    setTimeout(() => signal("SIGTERM"), 200),
+    setTimeout(() => signal("SIGKILL"), 15_000),
+  ];
+  const out = await output;
+  timers.forEach(clearTimeout);
+  const text = new TextDecoder().decode(out.stdout) +
+    new TextDecoder().decode(out.stderr);
+  return text.trim();
+}
+
+/** Drains of `count` with idle time after each, RSS read after each. */
+async function measureMemory(
+  rig: Rig,
+  count: number,
+  settleSeconds: number,
+): Promise<Memory> {
+  const queueName = "memory";
+  const child = spawnWorkerProcess(rig, queueName);
+  const output = child.output();
+  let exited = false;
+  child.status.then(() => exited = true);
+  let sampler: ReturnType<typeof sampleRss> | undefined;
+  const drain = async (bodies: string[]) => {
+    const startedAt = performance.now();
+    await postMany(rig, queueName, bodies);
+    await waitFor(
+      "a drain by the worker process",
+      async () => {
+        if (exited) throw new Error("the worker process exited");
+        return await queueSize(rig, queueName) === 0;
+      },
+      60_000 + bodies.length * 50,
+      20,
+    );
+    const result = throughput(bodies.length, startedAt);
+    await sleep(settleSeconds * 1000);
+    return result;
+  };
+  try {
+    // More messages than channels: the warm-up opens every SSH connection.
+    await drain(noOps(16));
+    const startMb = statusMb(child.pid, "VmRSS");
+    sampler = sampleRss(child.pid, 50);
+    const drains: Throughput[] = [];
+    const afterMb: number[] = [];
+    for (let i = 0; i < MEMORY_DRAINS; i++) {
+      drains.push(await drain(noOps(count)));
+      afterMb.push(statusMb(child.pid, "VmRSS"));
+    }
+    return {
+      messages: count,
+      startMb,
+      sampledPeakMb: await sampler.stop(),
+      peakMb: statusMb(child.pid, "VmHWM"),
+      afterMb,
+      drain: drains[0],
+    };
+  } catch (e) {
+    const said = await stopProcess(child, output);
+    throw new Error(`${e instanceof Error ? e.message : e}; worker: ${said}`);
+  } finally {
+    await sampler?.stop();
+    await stopProcess(child, output);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 4. The seed-style loop and the raw SSH floor, with ssh2 directly
+// ---------------------------------------------------------------------------
+
+function hostKeyOf(sshd: Sshd): Buffer {
+  return Buffer.from(sshd.knownHostsLine.split(" ")[2], "base64");
+}
+
+function connectSsh(sshd: Sshd, noDelay: boolean): Promise<Client> {
+  const expected = hostKeyOf(sshd);
+  const privateKey = Buffer.from(Deno.readFileSync(sshd.clientKeyFile));
+  return new Promise((resolve, reject) => {
+    const client = new Client();
+    let ready = false;
+    client.on("ready", () => {
+      ready = true;
+      if (noDelay) client.setNoDelay(true);
+      resolve(client);
+    });
+    client.on("error", (e: Error) => {
+      if (!ready) reject(e);
+    });
+    client.connect({
+      host: sshd.host,
+      port: sshd.port,
+      username: sshd.user,
+      privateKey,
+      hostVerifier: (key: Buffer) => key.equals(expected),
+      readyTimeout: 15_000,
+    });
+  });
+}
+
+/** Ends the connection and waits until its socket closed. */
+function endSsh(client: Client): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, 5_000);
+    client.once("close", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    client.end();
+  });
+}
+
+/** Runs one command on an open connection; resolves to its exit status. */
+function execOnce(client: Client, command: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`${command}: no end within 30 s`)),
+      30_000,
+    );
+    client.exec(command, (err, channel) => {
+      if (err) {
+        clearTimeout(timer);
+        return reject(err);
+      }
+      let code = -1;
+      channel.on("exit", (status: number | null) => code = status ?? -1);
+      channel.on("close", () => {
+        clearTimeout(timer);
+        resolve(code);
+      });
+      channel.resume();
+      channel.stderr.resume();
+      channel.end();
+    });
+  });
+}
+
+interface SeedHooks {
+  onSleep?(): void;
+  onRan?(): void;
+}
+
+/**
+ * The seed's loop: reserve one message; none, sleep; else open a new SSH
+ * connection (key exchange and all), run the command, close, delete. Nagle's
+ * algorithm stays on, as paramiko (under the seed's Fabric) leaves it; on a
+ * fresh connection Linux still ACKs at once, so it costs nothing here.
+ */
+async function seedStyleLoop(
+  rig: Rig,
+  queueName: string,
+  command: string,
+  sleepMs: number,
+  stop: AbortSignal,
+  hooks: SeedHooks = {},
+): Promise<void> {
+  const client = rig.client(queueName);
+  while (!stop.aborted) {
+    let message;
+    try {
+      [message] = await client.reserve(1, 60, 0, stop);
+    } catch (e) {
+      if (stop.aborted) return;
+      throw e;
+    }
+    if (message === undefined) {
+      hooks.onSleep?.();
+      await realClock.sleep(sleepMs, stop);
+      continue;
+    }
+    const plan = planCommand(command, message.body);
+    if (!plan.ok) throw new Error(plan.reason);
+    const ssh = await connectSsh(rig.sshd, false);
+    const status = await execOnce(ssh, plan.command).finally(() => endSsh(ssh));
+    if (status !== 0) throw new Error(`${plan.command}: exit ${status}`);
+    await client.delete(message.id, message.reservation_id);
+    hooks.onRan?.();
+  }
+}
+
+async function measureSeedThroughput(
+  rig: Rig,
+  count: number,
+  sleepSeconds: number,
+): Promise<Throughput> {
+  const queueName = "seed_drain";
+  await postMany(rig, queueName, noOps(count));
+  const stop = new AbortController();
+  let ran = 0;
+  const startedAt = performance.now();
+  const loop = seedStyleLoop(
+    rig,
+    queueName,
+    "true",
+    sleepSeconds * 1000,
+    stop.signal,
+    { onRan: () => ran++ },
+  );
+  try {
+    await Promise.race([
+      loop,
+      waitFor(
+        "the seed-style drain",
+        () => ran >= count,
+        60_000 + count * 5_000,
+        10,
+        stop.signal,
+      ),
+    ]);
+    return throughput(count, startedAt);
+  } finally {
+    stop.abort();
+    await loop;
+  }
+}
+
+/**
+ * Posts each message a chosen time after the loop fell asleep, spread evenly
+ * over its sleep, so a few samples still show the average wait.
+ */
+async function measureSeedPickup(
+  rig: Rig,
+  count: number,
+  sleepSeconds: number,
+): Promise<number[]> {
+  const queueName = "seed_pickup";
+  const file = await newStampFile(rig, queueName);
+  const client = rig.client(queueName);
+  await client.ensureQueue();
+  const sleepMs = sleepSeconds * 1000;
+  const stop = new AbortController();
+  let sleeps = 0;
+  let asleepSince = 0;
+  let ran = 0;
+  const loop = seedStyleLoop(
+    rig,
+    queueName,
+    stampCommand(file),
+    sleepMs,
+    stop.signal,
+    {
+      onSleep: () => {
+        sleeps++;
+        asleepSince = performance.now();
+      },
+      onRan: () => ran++,
+    },
+  );
+  const postedAt: number[] = [];
+  const sample = async (i: number) => {
+    const limit = sleepMs + 30_000;
+    await waitFor("the loop to sleep", () => sleeps > i, limit, 5, stop.signal);
+    const phase = sleepMs * (i + 0.5) / count;
+    await sleep(asleepSince + phase - performance.now());
+    postedAt.push(wallMs());
+    await client.post(queueName, [stampBody(i)]);
+    await waitFor("the seed-style run", () => ran > i, limit, 5, stop.signal);
+  };
+  try {
+    for (let i = 0; i < count; i++) await Promise.race([loop, sample(i)]);
+  } finally {
+    stop.abort();
+    await loop;
+  }
+  return await latencies(file, postedAt);
+}
+
+export interface Floor {
+  /** ms per `true`, one at a time on one open connection. */
+  sequentialMs: number;
+  /** exec call to remote start of the stamp command, one at a time. */
+  pickups: number[];
+  /** ms per `true` with 8 in flight over 2 connections (4 channels each). */
+  parallelMs: number;
+  parallelPerSecond: number;
+}
+
+/** `total` execs of `true` shared by lanes, each lane on its own connection slot. */
+async function execLanes(
+  connections: Client[],
+  lanes: number,
+  total: number,
+): Promise<number> {
+  let left = total;
+  const lane = async (client: Client) => {
+    while (left > 0) {
+      left--;
+      const status = await execOnce(client, "true");
+      if (status !== 0) throw new Error(`true: exit ${status}`);
+    }
+  };
+  const startedAt = performance.now();
+  await Promise.all(
+    Array.from(
+      { length: lanes },
+      (_, i) => lane(connections[i % connections.length]),
+    ),
+  );
+  return (performance.now() - startedAt) / total;
+}
+
+/** The SSH and fork share of the pickup latency: exec call to remote start. */
+async function execPickups(
+  rig: Rig,
+  client: Client,
+  count: number,
+): Promise<number[]> {
+  const file = await newStampFile(rig, "floor");
+  const command = stampCommand(file);
+  const calledAt: number[] = [];
+  for (let i = 0; i < count; i++) {
+    calledAt.push(wallMs());
+    await execOnce(client, `${command} ${i}`);
+    await sleep(IDLE_GAP_MS);
+  }
+  return await latencies(file, calledAt);
+}
+
+async function measureFloor(
+  rig: Rig,
+  count: number,
+  pickups: number,
+): Promise<Floor> {
+  const connections = await Promise.all([
+    connectSsh(rig.sshd, true),
+    connectSsh(rig.sshd, true),
+  ]);
+  try {
+    await execLanes(connections, 8, 16); // warm-up
+    const parallelMs = await execLanes(connections, 8, count);
+    const pickupMs = await execPickups(rig, connections[0], pickups);
+    // Last, so that the drain at concurrency 1, compared with it, comes next.
+    const sequentialMs = await execLanes(connections.slice(0, 1), 1, count);
+    return {
+      sequentialMs,
+      pickups: pickupMs,
+      parallelMs,
+      parallelPerSecond: 1000 / parallelMs,
+    };
+  } finally {
+    await Promise.all(connections.map(endSsh));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// 5. The queue server's own micro-measure
+// ---------------------------------------------------------------------------
+
+async function measureQueueBatches(
+  rig: Rig,
+  count: number,
+): Promise<Throughput> {
+  const queueName = "mq_batches";
+  const client = rig.client(queueName);
+  await postMany(rig, queueName, noOps(count));
+  const startedAt = performance.now();
+  for (let done = 0; done < count;) {
+    const messages = await client.reserve(100, 60, 0);
+    if (messages.length === 0) throw new Error(`queue empty after ${done}`);
+    await client.deleteBatch(
+      messages.map((m) => ({ id: m.id, reservation_id: m.reservation_id })),
+    );
+    done += messages.length;
+  }
+  return throughput(count, startedAt);
+}
+
+/** Post-to-reply time of a reserve already waiting on an empty queue. */
+async function measureWakeUps(rig: Rig, count: number): Promise<number[]> {
+  const queueName = "mq_wake";
+  const client = rig.client(queueName);
+  await client.ensureQueue();
+  const samples: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const waiting = client.reserve(1, 60, 5);
+    await sleep(20); // the reserve is parked in the server's long-poll by now
+    const postedAt = performance.now();
+    const posting = client.post(queueName, ["wake"]);
+    const [message] = await waiting;
+    samples.push(performance.now() - postedAt);
+    await posting;
+    if (message === undefined) throw new Error("the long-poll woke empty");
+    await client.delete(message.id, message.reservation_id);
+  }
+  return samples;
+}
+
+// ---------------------------------------------------------------------------
+// All measures, in one run
+// ---------------------------------------------------------------------------
+
+export interface Results {
+  date: Date;
+  nproc: string;
+  loadBefore: number[];
+  loadAfter: number[];
+  options: BenchOptions;
+  queueBatches?: Throughput;
+  wakeUps?: number[];
+  floor?: Floor;
+  drain?: Drain;
+  drainSerial?: Drain;
+  pickups?: number[];
+  memory?: Memory;
+  seed?: Throughput;
+  seedPickups?: number[];
+}
+
+export async function runBench(
+  options: BenchOptions,
+  progress: (line: string) => void = () => {},
+): Promise<Results> {
+  const { sizes } = options;
+  const results: Results = {
+    date: new Date(),
+    nproc: (await run("nproc", [])).trim(),
+    loadBefore: Deno.loadavg(),
+    loadAfter: [],
+    options,
+  };
+  const rig = await startRig();
+  const step = async <T>(
+    what: string,
+    size: number,
+    measure: () => Promise<T>,
+  ) => {
+    if (size === 0) return undefined;
+    const startedAt = performance.now();
+    progress(`${what}…`);
+    const result = await measure();
+    progress(`${what}: ${n((performance.now() - startedAt) / 1000, 1)} s`);
+    return result;
+  };
+  try {
+    results.queueBatches = await step(
+      "queue: reserve+delete in batches",
+      sizes.mq,
+      () => measureQueueBatches(rig, sizes.mq),
+    );
+    results.wakeUps = await step(
+      "queue: long-poll wake-ups",
+      sizes.wakes,
+      () => measureWakeUps(rig, sizes.wakes),
+    );
+    results.floor = await step(
+      "raw ssh2 floor",
+      sizes.floor,
+      () => measureFloor(rig, sizes.floor, sizes.pickups),
+    );
+    results.drainSerial = await step(
+      "drain at concurrency 1",
+      sizes.drain,
+      () => measureDrain(rig, sizes.drain, 1),
+    );
+    results.drain = await step(
+      "drain at the default concurrency",
+      sizes.drain,
+      () => measureDrain(rig, sizes.drain),
+    );
+    results.pickups = await step(
+      "pickup latency",
+      sizes.pickups,
+      () => measurePickup(rig, sizes.pickups),
+    );
+    results.memory = await step(
+      "worker process memory",
+      sizes.rss,
+      () => measureMemory(rig, sizes.rss, sizes.settle),
+    );
+    results.seed = await step(
+      "seed-style drain",
+      sizes.baseline,
+      () => measureSeedThroughput(rig, sizes.baseline, sizes.baselineSleep),
+    );
+    results.seedPickups = await step(
+      "seed-style pickup",
+      sizes.baselinePickups,
+      () => measureSeedPickup(rig, sizes.baselinePickups, sizes.baselineSleep),
+    );
+  } finally {
+    await rig.stop();
+  }
+  results.loadAfter = Deno.loadavg();
+  return results;
+}
+
+// ---------------------------------------------------------------------------
+// The table
+// ---------------------------------------------------------------------------
+
+export interface Row {
+  measure: string;
+  figure: string;
+  target: string;
+  verdict: "pass" | "MISS" | "";
+}
+
+/** RSS after the last drain may be this much above that after the first and count as no growth. */
+const GROWTH_ALLOWANCE_MB = 5;
+
+const n = (value: number, digits = 0) =>
+  value.toLocaleString("en-US", {
+    minimumFractionDigits: digits,
+    maximumFractionDigits: digits,
+  });
+
+const check = (ok: boolean): Row["verdict"] => ok ? "pass" : "MISS";
+
+const info = (measure: string, figure: string): Row => ({
+  measure,
+  figure,
+  target: "",
+  verdict: "",
+});
+
+export function tableRows(r: Results): Row[] {
+  const s = r.options.sizes;
+  const rows: Row[] = [];
+  if (r.drain) {
+    rows.push(info(
+      `1. drain ${n(s.drain)} no-ops, concurrency ${r.drain.concurrency}`,
+      `${n(r.drain.perSecond)} msg/s`,
+    ));
+  }
+  if (r.drainSerial) {
+    rows.push(info(
+      `1. drain ${n(s.drain)} no-ops, concurrency 1`,
+      `${n(r.drainSerial.perSecond)} msg/s (${
+        n(r.drainSerial.msEach, 2)
+      } ms each)`,
+    ));
+  }
+  if (r.pickups) {
+    const p50 = percentile(r.pickups, 50);
+    const p99 = percentile(r.pickups, 99);
+    rows.push({
+      measure: `2. pickup post→remote start, p50 (${r.pickups.length} msgs)`,
+      figure: `${n(p50, 2)} ms`,
+      target: "≤ 5 ms",
+      verdict: check(p50 <= 5),
+    }, {
+      measure: "2. pickup p99",
+      figure: `${n(p99, 2)} ms (max ${n(Math.max(...r.pickups), 2)})`,
+      target: "≤ 25 ms",
+      verdict: check(p99 <= 25),
+    });
+    // The stamp itself (sshd's session, sh, a fork of date) is in both figures.
+    if (r.floor && r.floor.pickups.length > 0) {
+      rows.push(info(
+        "2. pickup p50 less the floor's exec→stamp p50 (worker + queue)",
+        `${n(p50 - percentile(r.floor.pickups, 50), 2)} ms`,
+      ));
+    }
+  }
+  if (r.memory) {
+    const m = r.memory;
+    const growth = m.afterMb[m.afterMb.length - 1] - m.afterMb[0];
+    rows.push(
+      info(
+        `3. worker process (./start): RSS idle after warm-up`,
+        `${n(m.startMb, 1)} MB`,
+      ),
+      {
+        measure: `3. peak RSS, ${m.afterMb.length} drains of ${
+          n(m.messages)
+        } (VmHWM)`,
+        figure: `${n(m.peakMb, 1)} MB (sampled ${n(m.sampledPeakMb, 1)})`,
+        target: "≤ 120 MB",
+        verdict: check(m.peakMb <= 120),
+      },
+      {
+        measure: `3. RSS ${s.settle} s after each drain; last less first`,
+        figure: `${m.afterMb.map((mb) => n(mb, 1)).join(" → ")} MB (${
+          growth >= 0 ? "+" : ""
+        }${n(growth, 1)})`,
+        target: `no growth (≤ +${GROWTH_ALLOWANCE_MB} MB)`,
+        verdict: check(growth <= GROWTH_ALLOWANCE_MB),
+      },
+      info(
+        "3. that process's 1st drain (LOG_LEVEL=warning)",
+        `${n(m.drain.perSecond)} msg/s`,
+      ),
+    );
+  }
+  if (r.seed) {
+    rows.push(info(
+      `4. seed-style loop: drain ${n(s.baseline)}`,
+      `${n(r.seed.perSecond, 1)} msg/s (${n(r.seed.msEach)} ms each)`,
+    ));
+  }
+
+  if (r.seedPickups) {
+    rows.push(info(
+      `4. seed-style pickup p50 (${r.seedPickups.length} msgs, ${s.baselineSleep} s sleep)`,
+      `${n(percentile(r.seedPickups, 50))} ms (max ${
+        n(Math.max(...r.seedPickups))
+      })`,
+    ));
+  }
+  if (r.floor) {
+    rows.push(
+      info(
+        "4. raw floor: ssh2 exec `true`, 1 connection, sequential",
+        `${n(r.floor.sequentialMs, 2)} ms each`,
+      ),
+      ...(r.floor.pickups.length === 0 ? [] : [info(
+        "4. raw floor: exec call→remote start of the stamp, p50",
+        `${n(percentile(r.floor.pickups, 50), 2)} ms (p99 ${
+          n(percentile(r.floor.pickups, 99), 2)
+        })`,
+      )]),
+      info(
+        "4. raw floor: 8 in flight over 2 connections",
+        `${n(r.floor.parallelPerSecond)} exec/s (${
+          n(r.floor.parallelMs, 2)
+        } ms each)`,
+      ),
+    );
+  }
+  if (r.queueBatches) {
+    rows.push({
+      measure: "5. queue: reserve+delete, batches of 100",
+      figure: `${n(r.queueBatches.perSecond)} msg/s`,
+      target: "≥ 5,000 msg/s",
+      verdict: check(r.queueBatches.perSecond >= 5000),
+    });
+  }
+  if (r.wakeUps) {
+    const p50 = percentile(r.wakeUps, 50);
+    rows.push({
+      measure: `5. queue: long-poll wake-up p50 (${r.wakeUps.length})`,
+      figure: `${n(p50, 2)} ms (p99 ${n(percentile(r.wakeUps, 99), 2)})`,
+      target: "< 2 ms",
+      verdict: check(p50 < 2),
+    });
+  }
+  if (r.drain && r.seed) {
+    const ratio = r.drain.perSecond / r.seed.perSecond;
+    rows.push({
+      measure: "ratio: worker throughput ÷ seed-style",
+      figure: `${n(ratio)}×`,
+      target: "≥ 100×",
+      verdict: check(ratio >= 100),
+    });
+  }
+
+  if (r.drainSerial && r.floor) {
+    const ratio = r.drainSerial.msEach / r.floor.sequentialMs;
+    rows.push({
+      measure: "ratio: worker ms/msg at concurrency 1 ÷ floor ms/exec",
+      figure: `${n(ratio, 2)}×`,
+      target: "≤ 1.5×",
+      verdict: check(ratio <= 1.5),
+    });
+  }
+  if (r.drain && r.floor) {
+    rows.push(info(
+      "ratio: worker throughput ÷ floor with 8 in flight",
+      `${n(r.drain.perSecond / r.floor.parallelPerSecond, 2)}×`,
+    ));
+  }
+  return rows;
+}
+
+function markdownTable(rows: Row[]): string {
+  const cells = [
+    ["Measure", "Figure", "Target", "Result"],
+    ...rows.map((r) => [r.measure, r.figure, r.target, r.verdict]),
+  ];
+  const widths = cells[0].map((_, c) =>
+    Math.max(...cells.map((row) => row[c].length))
+  );
+  const line = (row: string[]) =>
+    `| ${row.map((cell, c) => cell.padEnd(widths[c])).join(" | ")} |`;
+  const rule = `|${widths.map((w) => "-".repeat(w + 2)).join("|")}|`;
+  return [line(cells[0]), rule, ...cells.slice(1).map(line)].join("\n");
+}
+
+export function formatReport(r: Results): string {
+  const load = (l: number[]) => l.map((x) => x.toFixed(2)).join(" ");
+  const sizes = Object.entries(r.options.sizes)
+    .map(([key, value]) => `${SIZE_SETTINGS[key as keyof Sizes].flag}=${value}`)
+    .join(" ");
+  return [
+    `tasks bench, ${r.date.toISOString()}: nproc ${r.nproc}, Deno ${Deno.version.deno}, ` +
+    `load average ${load(r.loadBefore)} before, ${load(r.loadAfter)} after`,
+    `sizes: ${sizes}`,
+    "1 and 2: worker in-process with the queue server (as the embedded default), " +
+    "LogTape at info into a sink that drops the lines; 3: `deno run tasks.ts` as a process.",
+    "",
+    markdownTable(tableRows(r)),
+  ].join("\n");
+}
+
+async function main(): Promise<number> {
+  let options: BenchOptions;
+  try {
+    options = readOptions(Deno.args, Deno.env.toObject());
+  } catch (e) {
+    console.error(`bench: ${e instanceof Error ? e.message : e}`);
+    return 2;
+  }
+  const started = performance.now();
+  const results = await runBench(
+    options,
+    (line) => console.error(`bench: ${line}`),
+  );
+  console.log(formatReport(results));
+  console.error(
+    `bench: done in ${n((performance.now() - started) / 1000, 1)} s`,
+  );
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main());
