@@ -1549,6 +1549,10 @@ interface Held {
   reservationId: string;
   /** Which run this is, counting this one. */
   attempt: number;
+  /** The command with the message's arguments, quoted. */
+  command: string;
+  /** Touches the reservation while the message waits and runs. */
+  keeper: { stop(): void };
 }
 
 /** What went wrong on the last run, for the log and the dead-letter record. */
@@ -1559,14 +1563,21 @@ interface Failure {
 }
 
 export class Worker {
-  private readonly inFlight = new Set<Promise<void>>();
-  private readonly running = new Set<AbortController>();
+  /** Reserved, kept by touching, not started yet: the next commands to run. */
+  private readonly backlog: Held[] = [];
+  /** Commands running now: how to stop each, and when it ends. */
+  private readonly running = new Map<
+    Held,
+    { controller: AbortController; ended: Promise<void> }
+  >();
+  /** Deletes, releases and dead-letter moves still under way. */
+  private readonly settling = new Set<Promise<void>>();
   private readonly hardStop = new AbortController();
   /** Touches this process made, by message id: IronMQ counts them in reserved_count. */
   private readonly touches = new Map<string, number>();
   private readonly deletes: DeleteBatcher;
   private readonly reserveOutage: OutageLog;
-  private slotFreed?: () => void;
+  private roomMade?: () => void;
 
   constructor(
     private readonly task: TaskConfig,
@@ -1582,19 +1593,25 @@ export class Worker {
     );
   }
 
-  /** Runs until `stop` aborts, then shuts down gracefully. */
+  /**
+   * Runs until `stop` aborts, then shuts down gracefully. It keeps up to
+   * `concurrency` commands running and as many reserved messages waiting, so
+   * a slot that frees up starts the next command without a round trip.
+   */
   async run(stop: AbortSignal): Promise<void> {
     await this.ensureQueue(stop);
+    const limit = 2 * this.task.concurrency;
     while (!stop.aborted) {
-      await this.waitForSlot(stop);
+      await this.waitForRoom(limit, stop);
       try {
         await this.deps.runner.ready(stop);
       } catch {
         break; // stopped while SSH was unreachable
       }
-      const free = this.task.concurrency - this.inFlight.size;
-      const messages = await this.reserve(Math.min(100, free), stop);
-      for (const message of messages) this.start(message, stop);
+      const room = limit - this.backlog.length - this.running.size;
+      const messages = await this.reserve(Math.min(100, room), stop);
+      for (const message of messages) this.accept(message, stop);
+      this.startWaiting();
     }
     await this.shutdown();
   }
@@ -1602,7 +1619,7 @@ export class Worker {
   /** Aborts every running command now (a second SIGTERM). */
   abortRunning(): void {
     this.hardStop.abort();
-    for (const controller of this.running) controller.abort();
+    for (const { controller } of this.running.values()) controller.abort();
   }
 
   private async ensureQueue(stop: AbortSignal): Promise<void> {
@@ -1615,17 +1632,17 @@ export class Worker {
     }
   }
 
-  private waitForSlot(stop: AbortSignal): Promise<void> {
-    if (this.inFlight.size < this.task.concurrency || stop.aborted) {
+  private waitForRoom(limit: number, stop: AbortSignal): Promise<void> {
+    if (this.backlog.length + this.running.size < limit || stop.aborted) {
       return Promise.resolve();
     }
     return new Promise((resolve) => {
       const done = () => {
         stop.removeEventListener("abort", done);
-        this.slotFreed = undefined;
+        this.roomMade = undefined;
         resolve();
       };
-      this.slotFreed = done;
+      this.roomMade = done;
       stop.addEventListener("abort", done, { once: true });
     });
   }
@@ -1667,122 +1684,137 @@ export class Worker {
     return [];
   }
 
-  private start(message: QueueMessage, stop: AbortSignal): void {
-    const job = this.handle(message, stop)
-      .catch((e) =>
-        this.deps.log.error(
-          `message ${message.id}: unexpected error: ${errorText(e)}`,
-        )
-      )
-      .finally(() => {
-        this.inFlight.delete(job);
-        this.slotFreed?.();
-      });
-    this.inFlight.add(job);
-  }
-
-  private async handle(
-    message: QueueMessage,
-    stop: AbortSignal,
-  ): Promise<void> {
+  /** Takes a reserved message in: to the backlog, or straight to its end. */
+  private accept(message: QueueMessage, stop: AbortSignal): void {
     const held: Held = {
       message,
       reservationId: message.reservation_id,
       attempt: this.attemptOf(message),
+      command: "",
+      keeper: { stop: () => {} },
     };
     const plan = planCommand(this.task.command, message.body);
     if (!plan.ok) {
       this.deps.log.error(
         `message ${message.id}: will not run anything: ${plan.reason}`,
       );
-      return await this.deadLetter(held, { reason: plan.reason });
+      return this.settle(held, this.deadLetter(held, { reason: plan.reason }));
     }
     if (stop.aborted) {
-      return await this.release(held, 0, "shutting down before it started");
+      return this.settle(
+        held,
+        this.release(held, 0, "shutting down before it started"),
+      );
     }
-    const controller = new AbortController();
-    this.running.add(controller);
-    try {
-      await this.runPlanned(held, plan.command, controller.signal);
-    } finally {
-      this.running.delete(controller);
+    held.command = plan.command;
+    held.keeper = this.keepReserved(held);
+    this.backlog.push(held);
+  }
+
+  /** Starts waiting commands while there are free slots. */
+  private startWaiting(): void {
+    while (
+      this.running.size < this.task.concurrency && this.backlog.length > 0
+    ) {
+      const held = this.backlog.shift()!;
+      const controller = new AbortController();
+      const ended = this.execute(held, controller.signal).then(
+        (run) => this.settle(held, run.afterwards),
+        (e) =>
+          this.deps.log.error(
+            `message ${held.message.id}: unexpected error: ${errorText(e)}`,
+          ),
+      ).finally(() => {
+        this.running.delete(held);
+        this.startWaiting();
+        this.roomMade?.();
+      });
+      this.running.set(held, { controller, ended });
     }
   }
 
-  private async runPlanned(
+  /** Tracks what is done after a run (delete, release, dead letter) for shutdown. */
+  private settle(held: Held, work: Promise<void>): void {
+    const tracked = work.catch((e) =>
+      this.deps.log.error(
+        `message ${held.message.id}: unexpected error: ${errorText(e)}`,
+      )
+    ).finally(() => this.settling.delete(tracked));
+    this.settling.add(tracked);
+  }
+
+  /**
+   * Runs the command; its slot is free again as soon as this resolves, while
+   * what follows (delete, release, dead letter) goes on as `afterwards`.
+   */
+  private async execute(
     held: Held,
-    command: string,
     signal: AbortSignal,
-  ): Promise<void> {
+  ): Promise<{ afterwards: Promise<void> }> {
     const { log, clock } = this.deps;
     const id = held.message.id;
-    const attempt = held.attempt;
     const prefix = `[${this.host}]`;
-    log.info(`${prefix} run: ${command}`);
-    log.debug(`message ${id}: attempt ${attempt}`);
+    log.info(`${prefix} run: ${held.command}`);
+    log.debug(`message ${id}: attempt ${held.attempt}`);
     const stderrTail = new Tail();
     const out = new LineSplitter((line) => log.info(`${prefix} out: ${line}`));
     const err = new LineSplitter((line) => {
       stderrTail.add(line);
       log.info(`${prefix} err: ${line}`);
     });
-    const keeper = this.keepReserved(held);
     const started = clock.now();
-    const result = await this.deps.runner.run(command, {
-      onStdout: (chunk) => out.push(chunk),
-      onStderr: (chunk) => err.push(chunk),
-      timeoutMs: this.task.timeoutMs,
-      signal,
-    });
-    keeper.stop();
+    let result: RunResult;
+    try {
+      result = await this.deps.runner.run(held.command, {
+        onStdout: (chunk) => out.push(chunk),
+        onStderr: (chunk) => err.push(chunk),
+        timeoutMs: this.task.timeoutMs,
+        signal,
+      });
+    } finally {
+      held.keeper.stop();
+    }
     out.end();
     err.end();
     const took = `${clock.now() - started} ms`;
+    const failure = (reason: string, exitStatus: number | string) => ({
+      afterwards: this.failed(held, {
+        reason,
+        exitStatus,
+        stderrTail: stderrTail.toString(),
+      }),
+    });
 
     switch (result.kind) {
       case "exit":
         if (result.code === 0) {
           log.info(`${prefix} exit: 0 (message ${id}, ${took})`);
-          return await this.deleteDone(held);
+          return { afterwards: this.deleteDone(held) };
         }
         log.warn(`${prefix} exit: ${result.code} (message ${id}, ${took})`);
-        return await this.failed(held, {
-          reason: `exit status ${result.code}`,
-          exitStatus: result.code,
-          stderrTail: stderrTail.toString(),
-        });
+        return failure(`exit status ${result.code}`, result.code);
       case "signal":
         log.warn(
           `${prefix} killed by signal ${result.signal} (message ${id}, ${took})`,
         );
-        return await this.failed(held, {
-          reason: `killed by signal ${result.signal}`,
-          exitStatus: result.signal,
-          stderrTail: stderrTail.toString(),
-        });
-      case "timeout":
-        log.warn(
-          `${prefix} timed out after ${
-            this.task.timeoutMs / 1000
-          } s: stopped (message ${id})`,
-        );
-        return await this.failed(held, {
-          reason: `timed out after ${
-            this.task.timeoutMs / 1000
-          } s (TASK_TIMEOUT)`,
-          exitStatus: "timeout",
-          stderrTail: stderrTail.toString(),
-        });
+        return failure(`killed by signal ${result.signal}`, result.signal);
+      case "timeout": {
+        const limit = `${this.task.timeoutMs / 1000} s`;
+        log.warn(`${prefix} timed out after ${limit}: stopped (message ${id})`);
+        return failure(`timed out after ${limit} (TASK_TIMEOUT)`, "timeout");
+      }
       case "aborted":
         log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
-        return await this.release(held, 0, "stopped by shutdown");
+        return { afterwards: this.release(held, 0, "stopped by shutdown") };
       case "ssh-error":
         log.error(`${prefix} ssh error: ${result.error} (message ${id})`);
-        return await this.release(
-          held,
-          retryDelaySeconds(1, this.task.retryDelaySeconds),
-          "SSH failed",
-        );
+        return {
+          afterwards: this.release(
+            held,
+            retryDelaySeconds(1, this.task.retryDelaySeconds),
+            "SSH failed",
+          ),
+        };
     }
   }
 
@@ -1921,26 +1953,35 @@ export class Worker {
 
   private async shutdown(): Promise<void> {
     const { log, clock } = this.deps;
-    if (this.inFlight.size > 0) {
+    for (const held of this.backlog.splice(0)) {
+      held.keeper.stop();
+      this.settle(
+        held,
+        this.release(held, 0, "shutting down before it started"),
+      );
+    }
+    const ended = () => [...this.running.values()].map((r) => r.ended);
+    if (this.running.size > 0) {
       log.info(
         `stopping: waiting up to ${
           this.task.shutdownGraceMs / 1000
-        } s for ${this.inFlight.size} running command(s)`,
+        } s for ${this.running.size} running command(s)`,
       );
       const graceOver = new AbortController();
       await Promise.race([
-        Promise.allSettled([...this.inFlight]),
+        Promise.allSettled(ended()),
         clock.sleep(this.task.shutdownGraceMs, graceOver.signal),
       ]);
       graceOver.abort();
-      if (this.inFlight.size > 0) {
+      if (this.running.size > 0) {
         log.warn(
-          `stopping: ${this.inFlight.size} command(s) still running after the grace period: stopping them and releasing their messages`,
+          `stopping: ${this.running.size} command(s) still running after the grace period: stopping them and releasing their messages`,
         );
         this.abortRunning();
-        await Promise.allSettled([...this.inFlight]);
+        await Promise.allSettled(ended());
       }
     }
+    while (this.settling.size > 0) await Promise.allSettled([...this.settling]);
     await this.deletes.idle();
   }
 }

@@ -1342,3 +1342,33 @@ Deno.test({
       await h.close();
     }),
 });
+
+Deno.test("worker: on stop, reserved messages that have not started go back at once", async () => {
+  const h = await harness();
+  const runner = new FakeRunner((_, io) =>
+    new Promise((resolve) =>
+      io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
+    )
+  );
+  const w = startWorker(h, runner, { concurrency: 1, shutdownGraceMs: 100 });
+  try {
+    await h.post(["first", "second", "third"]);
+    // One runs; one more waits reserved in the worker's backlog.
+    await until(
+      "one running, one waiting",
+      async () => runner.commands.length === 1 && (await h.peek()).length === 1,
+    );
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 1, "the waiting one never ran");
+    assert.equal((await h.peek()).length, 3, "all three are available again");
+    assert.match(
+      h.log.lines.join("\n"),
+      /released for a retry in 0 s \(shutting down before it started\)/,
+    );
+  } finally {
+    await h.close();
+  }
+});
