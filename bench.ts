@@ -1292,7 +1292,7 @@ export function formatReport(r: Results): string {
     `load average ${load(r.loadBefore)} before, ${load(r.loadAfter)} after`,
     `sizes: ${sizes}`,
     "1 and 2: worker in-process with the queue server (as the embedded default), " +
-    "LogTape at info into a sink that drops the lines; 3: `deno run tasks.ts` as a process.",
+    "LogTape at info into a sink that drops the lines; 3: the worker through ./start as a process.",
     "",
     markdownTable(tableRows(r)),
   ].join("\n");
