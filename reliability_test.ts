@@ -973,7 +973,10 @@ Deno.test({
           ...await refusedStart({ ...env, SSH_KEY_PASSPHRASE: "" }),
           ...await refusedStart({ ...env, IRON_PORT: "http" }),
           ...await refusedStart({ ...env, IRON_SCHEME: "ftp" }),
-          ...await refusedStart({ ...env, IRON_PROJECT_ID: "" }),
+          ...await refusedStart({
+            ...env,
+            IRON_PROJECT_ID: "no spaces allowed",
+          }),
           ...await refusedStart({ ...env, SSH_KEY_FILE: `${keyFile}.missing` }),
         );
       } finally {
@@ -1006,7 +1009,13 @@ async function runEmbedded(
     MQ_PORT: "0",
   };
   for (
-    const name of ["IRON_HOST", "IRON_PORT", "IRON_PROJECT_ID", "IRON_TOKEN"]
+    const name of [
+      "IRON_HOST",
+      "IRON_PORT",
+      "IRON_SCHEME",
+      "IRON_PROJECT_ID",
+      "IRON_TOKEN",
+    ]
   ) {
     delete embedded[name];
   }

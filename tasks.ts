@@ -88,8 +88,12 @@ export interface ConfigContext {
   home: string;
   user: string;
   ironJsonFiles: IronJsonFile[];
-  /** Whether a file exists, for the default key search. */
+  /** Whether a regular file exists, for the default key search. */
   exists: (path: string) => boolean;
+  /** Reads a key file, so a bad key is reported with the other problems. */
+  readKey?: (path: string) => Uint8Array;
+  /** Whether a Unix socket exists there, for SSH_AUTH_SOCK. */
+  isSocket?: (path: string) => boolean;
 }
 
 export class ConfigError extends Error {
@@ -134,21 +138,35 @@ function ironJsonSettings(
   return settings;
 }
 
+/** A setting's value and where it came from, for error messages. */
+interface Sourced {
+  value: string;
+  from: string;
+}
+
 /** IRON_MQ_X beats IRON_X beats iron.json in the working directory, then home. */
 function ironSetting(
   env: Env,
-  files: IronSettings[],
+  files: { path: string; settings: IronSettings }[],
   key: IronKey,
-): string | undefined {
+): Sourced | undefined {
   const name = key.toUpperCase();
   for (const variable of [`IRON_MQ_${name}`, `IRON_${name}`]) {
     const value = env[variable];
-    if (value !== undefined && value !== "") return value;
+    if (value !== undefined && value !== "") return { value, from: variable };
   }
-  for (const file of files) {
-    if (file[key] !== undefined && file[key] !== "") return file[key];
+  for (const { path, settings } of files) {
+    const value = settings[key];
+    if (value !== undefined && value !== "") {
+      return { value, from: `${path} "${key}"` };
+    }
   }
   return undefined;
+}
+
+function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || host === "[::1]" ||
+    /^127\.\d+\.\d+\.\d+$/.test(host);
 }
 
 /** Collects every problem instead of stopping at the first. */
@@ -216,8 +234,12 @@ const DEFAULT_IRON_HOST = "mq-aws-us-east-1-1.iron.io";
 export function parseConfig(env: Env, context: ConfigContext): Config {
   const read = new EnvReader(env);
   const problems = read.problems;
-  const files = context.ironJsonFiles.map((f) => ironJsonSettings(f, problems));
+  const files = context.ironJsonFiles.map((file) => ({
+    path: file.path,
+    settings: ironJsonSettings(file, problems),
+  }));
   const iron = (key: IronKey) => ironSetting(env, files, key);
+  const shown = (s: Sourced) => `${s.from}=${JSON.stringify(s.value)}`;
 
   const queueName = read.text("IRON_MQ_QUEUE_NAME", "my_queue");
   if (!/^[A-Za-z0-9_.-]{1,64}$/.test(queueName)) {
@@ -228,33 +250,47 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     );
   }
 
-  const token = iron("token");
-  const host = iron("host");
+  const token = iron("token")?.value;
+  const host = iron("host")?.value;
   const embedded = token === undefined && host === undefined;
-  const scheme = iron("scheme") ?? (embedded ? "http" : "https");
-  if (scheme !== "http" && scheme !== "https") {
+  for (const key of ["port", "scheme", "project_id"] as const) {
+    const given = iron(key);
+    if (embedded && given !== undefined) {
+      problems.push(
+        `${
+          shown(given)
+        }: set IRON_HOST too (and IRON_TOKEN for Iron.io), or unset it to use the embedded queue server`,
+      );
+    }
+  }
+  const schemeSetting = iron("scheme");
+  const scheme = schemeSetting?.value ?? (embedded ? "http" : "https");
+  if (schemeSetting && scheme !== "http" && scheme !== "https") {
+    problems.push(`${shown(schemeSetting)}: must be http or https`);
+  }
+  const queueHost = host ?? DEFAULT_IRON_HOST;
+  if (token !== undefined && scheme === "http" && !isLoopback(queueHost)) {
     problems.push(
-      `IRON_SCHEME=${JSON.stringify(scheme)}: must be http or https`,
+      `${
+        shown(schemeSetting!)
+      }: would send IRON_TOKEN unencrypted to ${queueHost}; use https`,
     );
   }
-  const portText = iron("port") ?? (scheme === "http" ? "80" : "443");
-  const port = Number(portText);
-  if (!Number.isInteger(port) || port < 1 || port > 65535) {
-    problems.push(
-      `IRON_PORT=${JSON.stringify(portText)}: must be a port from 1 to 65535`,
-    );
+  const portSetting = iron("port");
+  const port = Number(portSetting?.value ?? (scheme === "http" ? 80 : 443));
+  if (portSetting && !/^\d{1,5}$/.test(portSetting.value) || port > 65535) {
+    problems.push(`${shown(portSetting!)}: must be a port from 1 to 65535`);
   }
-  const projectId = iron("project_id") ?? (token === undefined ? "local" : "");
+  // Only Iron.io's own hosts need a real project id; any id works elsewhere.
+  const projectSetting = iron("project_id");
+  const projectId = projectSetting?.value ??
+    (token !== undefined && host === undefined ? "" : "local");
   if (projectId === "") {
     problems.push(
-      "IRON_PROJECT_ID: required with IRON_TOKEN (find it in the Iron.io dashboard)",
+      "IRON_PROJECT_ID: required with IRON_TOKEN for Iron.io (find it in the Iron.io dashboard)",
     );
   } else if (!/^[A-Za-z0-9_-]+$/.test(projectId)) {
-    problems.push(
-      `IRON_PROJECT_ID=${
-        JSON.stringify(projectId)
-      }: use letters, digits, '_' or '-'`,
-    );
+    problems.push(`${shown(projectSetting!)}: use letters, digits, '_' or '-'`);
   }
   let embeddedOptions: QueueServerOptions | undefined;
   if (embedded) {
@@ -265,7 +301,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     }
   }
   const queue: QueueConfig = {
-    baseUrl: `${scheme}://${bracketIPv6(host ?? DEFAULT_IRON_HOST)}:${port}`,
+    baseUrl: `${scheme}://${bracketIPv6(queueHost)}:${port}`,
     projectId,
     token: token ?? embeddedOptions?.token,
     queueName,
@@ -302,6 +338,23 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
       8,
     ),
   };
+  if (ssh.keyFile !== undefined && context.readKey !== undefined) {
+    let problem: string | undefined;
+    try {
+      problem = keyProblem(context.readKey(ssh.keyFile), ssh.passphrase);
+    } catch (e) {
+      problem = `cannot read it (${errorText(e)})`;
+    }
+    if (problem) problems.push(`SSH_KEY_FILE=${ssh.keyFile}: ${problem}`);
+  }
+  if (
+    ssh.agentSocket !== undefined && context.isSocket !== undefined &&
+    !context.isSocket(ssh.agentSocket)
+  ) {
+    problems.push(
+      `SSH_AUTH_SOCK=${ssh.agentSocket}: no socket there; is ssh-agent running? (or set SSH_KEY_FILE)`,
+    );
+  }
   if (ssh.keyFile === undefined && ssh.agentSocket === undefined) {
     problems.push(
       `SSH_KEY_FILE: no key given and none found (${
@@ -356,14 +409,19 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
 /** Reads iron.json (or .iron.json) from the working directory, then home. */
 export function readIronJsonFiles(cwd: string, home: string): IronJsonFile[] {
   const found: IronJsonFile[] = [];
-  for (const dir of [cwd, home]) {
-    for (const name of ["iron.json", ".iron.json"]) {
-      const path = `${dir}/${name}`;
-      const text = readTextIfExists(path);
-      if (text !== undefined) found.push({ path, text });
-    }
+  for (const path of ironJsonPaths(cwd, home)) {
+    const text = readTextIfExists(path);
+    if (text !== undefined) found.push({ path, text });
   }
   return found;
+}
+
+/** The iron.json files the configuration may read, found or not. */
+export function ironJsonPaths(cwd: string, home: string): string[] {
+  const paths = [cwd, home].flatMap((dir) =>
+    ["iron.json", ".iron.json"].map((name) => `${dir}/${name}`)
+  );
+  return [...new Set(paths)];
 }
 
 function readTextIfExists(path: string): string | undefined {
@@ -399,15 +457,22 @@ const LEVEL_PREFIX: Record<string, string> = {
 
 /** Formats a record as one line; secrets are masked even if they slip in. */
 export function formatRecord(record: LogRecord, secrets: string[]): string {
-  let text = record.message.map((part) =>
-    typeof part === "string" ? part : JSON.stringify(part)
-  ).join("");
-  for (const secret of secrets) {
-    if (secret.length >= 4) text = text.replaceAll(secret, "[redacted]");
-  }
+  const text = maskSecrets(
+    record.message.map((part) =>
+      typeof part === "string" ? part : JSON.stringify(part)
+    ).join(""),
+    secrets,
+  );
   return `${LEVEL_PREFIX[record.level] ?? ""}${
     text.replaceAll(/\r?\n/g, "\\n")
   }`;
+}
+
+export function maskSecrets(text: string, secrets: string[]): string {
+  for (const secret of secrets) {
+    if (secret.length >= 4) text = text.replaceAll(secret, "[redacted]");
+  }
+  return text;
 }
 
 export function stdoutSink(): LineSink {
@@ -603,10 +668,11 @@ export class IronMqClient {
     private readonly fetchFn: Fetch = fetch,
   ) {}
 
-  /** Creates the queue if it does not exist yet, so the first reserve finds it. */
-  async ensureQueue(signal?: AbortSignal): Promise<void> {
+  /** Creates the queue if it does not exist yet, so the first reserve finds it; true if it did. */
+  async ensureQueue(signal?: AbortSignal): Promise<boolean> {
     try {
       await this.call("GET", `/queues/${this.queue()}`, undefined, 0, signal);
+      return false;
     } catch (e) {
       if (!(e instanceof QueueError) || e.status !== 404) throw e;
       await this.call(
@@ -616,6 +682,7 @@ export class IronMqClient {
         0,
         signal,
       );
+      return true;
     }
   }
 
@@ -736,8 +803,11 @@ export class IronMqClient {
     if (!response.ok) {
       const status = response.status;
       const retryable = status >= 500 || status === 408 || status === 429;
+      const hint = status === 401
+        ? ": check IRON_TOKEN (for a `deno task mq` server: its MQ_TOKEN)"
+        : "";
       throw new QueueError(
-        `${where}: HTTP ${status}${serverMessage(text)}`,
+        `${where}: HTTP ${status}${serverMessage(text)}${hint}`,
         status,
         retryable,
       );
@@ -942,19 +1012,32 @@ export function loadSshCredentials(ssh: SshConfig): SshCredentials {
     privateKey = Deno.readFileSync(ssh.keyFile);
   } catch (e) {
     throw new ConfigError([
-      `SSH_KEY_FILE=${ssh.keyFile}: cannot read it (${errorName(e)})`,
+      `SSH_KEY_FILE=${ssh.keyFile}: cannot read it (${errorText(e)})`,
     ]);
   }
-  const parsed = sshUtils.parseKey(Buffer.from(privateKey), ssh.passphrase);
+  const problem = keyProblem(privateKey, ssh.passphrase);
+  if (problem) {
+    throw new ConfigError([`SSH_KEY_FILE=${ssh.keyFile}: ${problem}`]);
+  }
+  return { privateKey, passphrase: ssh.passphrase, agent: ssh.agentSocket };
+}
+
+/** Why a key file's bytes cannot log in, or undefined when they can. */
+export function keyProblem(
+  bytes: Uint8Array,
+  passphrase: string | undefined,
+): string | undefined {
+  const parsed = sshUtils.parseKey(Buffer.from(bytes), passphrase);
   if (parsed instanceof Error) {
     const hint = /passphrase|encrypted/i.test(parsed.message)
       ? "set SSH_KEY_PASSPHRASE, or check it"
       : "is it an OpenSSH private key?";
-    throw new ConfigError([
-      `SSH_KEY_FILE=${ssh.keyFile}: cannot use this key: ${parsed.message} (${hint})`,
-    ]);
+    return `cannot use this key: ${parsed.message} (${hint})`;
   }
-  return { privateKey, passphrase: ssh.passphrase, agent: ssh.agentSocket };
+  if (!parsed.isPrivateKey()) {
+    return "this is a public key: name the private key file (without .pub)";
+  }
+  return undefined;
 }
 
 interface Connection {
@@ -963,20 +1046,13 @@ interface Connection {
   closed: boolean;
 }
 
-/** A connection attempt's outcome, named the way an operator needs it. */
-class SshConnectError extends Error {
-  constructor(message: string, readonly hostKeyProblem: boolean) {
-    super(message);
-    this.name = "SshConnectError";
-  }
-}
-
 export class SshPool implements CommandRunner {
   private readonly connections: Connection[] = [];
   private readonly maxConnections: number;
   private connecting?: Promise<Connection>;
   private readonly slotWaiters: (() => void)[] = [];
   private failures = 0;
+  private lastError?: string;
   private nextAttemptAt = 0;
   private closed = false;
 
@@ -1078,6 +1154,7 @@ export class SshPool implements CommandRunner {
     this.connecting ??= this.openConnection().then(
       (c) => {
         this.failures = 0;
+        this.lastError = undefined;
         this.nextAttemptAt = 0;
         return c;
       },
@@ -1086,7 +1163,9 @@ export class SshPool implements CommandRunner {
         const delay = backoffMs(this.failures - 1, 500, 30_000, Math.random());
         this.nextAttemptAt = this.clock.now() + delay;
         const text = errorText(e);
-        if (this.failures === 1 || this.failures % 10 === 0) {
+        const changed = text !== this.lastError;
+        this.lastError = text;
+        if (changed || this.failures % 10 === 0) {
           this.log.error(
             `ssh ${this.where}: cannot connect: ${text}; retrying with backoff (attempt ${this.failures})`,
           );
@@ -1108,7 +1187,7 @@ export class SshPool implements CommandRunner {
         readTextIfExists(this.ssh.knownHostsFile) ?? "",
       );
     } catch (e) {
-      return Promise.reject(new SshConnectError(errorText(e), true));
+      return Promise.reject(new Error(errorText(e)));
     }
     const algorithms = knownKeyAlgorithms(entries, host, port);
     let hostKeyFailure: string | undefined;
@@ -1139,10 +1218,7 @@ export class SshPool implements CommandRunner {
         if (settled) return;
         settled = true;
         reject(
-          new SshConnectError(
-            hostKeyFailure ?? describeSshError(e),
-            hostKeyFailure !== undefined,
-          ),
+          new Error(hostKeyFailure ?? describeSshError(e)),
         );
       });
       client.on("close", () => {
@@ -1153,9 +1229,8 @@ export class SshPool implements CommandRunner {
         if (!settled) {
           settled = true;
           reject(
-            new SshConnectError(
+            new Error(
               hostKeyFailure ?? "connection closed during the handshake",
-              hostKeyFailure !== undefined,
             ),
           );
         }
@@ -1320,7 +1395,7 @@ function hostKeyMessage(
   const shown = `${keyTypeOfBlob(key)} ${fingerprint(key)}`;
   const name = knownHostsName(ssh.host, ssh.port);
   if (verdict === "mismatch") {
-    return `HOST KEY MISMATCH for ${name}: the server shows ${shown}, which differs from ${ssh.knownHostsFile}; someone may be intercepting the connection, or the host was reinstalled. Nothing will run until the entry is fixed (ssh-keygen -R '${name}' -f ${ssh.knownHostsFile}).`;
+    return `HOST KEY MISMATCH for ${name}: the server shows ${shown}, which differs from ${ssh.knownHostsFile}; someone may be intercepting the connection, or the host was reinstalled. Nothing will run until the entry is fixed (ssh-keygen -R '${name}' -f ${ssh.knownHostsFile})`;
   }
   if (verdict === "revoked") {
     return `host key ${shown} of ${name} is marked @revoked in ${ssh.knownHostsFile}; refusing to connect`;
@@ -1371,6 +1446,8 @@ export interface WorkerDeps {
   random?: () => number;
   /** How often a running message's reservation is extended; default half of it. */
   touchIntervalMs?: number;
+  /** Masks secrets in what goes to the dead-letter queue (stderr of a command). */
+  redact?: (text: string) => string;
 }
 
 /** Splits a byte stream into lines for the log; a very long line is cut into pieces. */
@@ -1415,7 +1492,7 @@ class Tail {
   }
 }
 
-/** Logs an outage as a warning, as an error once it lasts, then once a minute, then its end. */
+/** Logs an outage as a warning, as an error once it lasts 30 s, then once a minute, then its end. */
 class OutageLog {
   private since?: number;
   private lastLogged = 0;
@@ -1433,8 +1510,11 @@ class OutageLog {
       this.since = now;
       this.lastLogged = now;
       this.log.warn(`${this.what}: ${errorText(e)}; retrying with backoff`);
-    } else if (now - this.lastLogged >= (this.tries <= 2 ? 0 : 60_000)) {
-      // The second failure in a row is no blip any more.
+    } else if (
+      now - this.since >= 30_000 && now - this.lastLogged >= 60_000 ||
+      now - this.since >= 30_000 && this.lastLogged === this.since
+    ) {
+      // Past 30 s it is no blip: an error, then once a minute.
       this.lastLogged = now;
       this.log.error(
         `${this.what}: still failing after ${
@@ -1573,8 +1653,11 @@ export class Worker {
   /** Deletes, releases and dead-letter moves still under way. */
   private readonly settling = new Set<Promise<void>>();
   private readonly hardStop = new AbortController();
-  /** Touches this process made, by message id: IronMQ counts them in reserved_count. */
-  private readonly touches = new Map<string, number>();
+  /**
+   * Reservations and touches of a message that were no failed run (a touch, an
+   * SSH failure, a stop): IronMQ's reserved_count counts them all.
+   */
+  private readonly notRuns = new Map<string, number>();
   private readonly deletes: DeleteBatcher;
   private readonly reserveOutage: OutageLog;
   private roomMade?: () => void;
@@ -1601,6 +1684,7 @@ export class Worker {
   async run(stop: AbortSignal): Promise<void> {
     await this.ensureQueue(stop);
     const limit = 2 * this.task.concurrency;
+    let lastPoll: Promise<void> = Promise.resolve();
     while (!stop.aborted) {
       await this.waitForRoom(limit, stop);
       try {
@@ -1609,22 +1693,33 @@ export class Worker {
         break; // stopped while SSH was unreachable
       }
       const room = limit - this.backlog.length - this.running.size;
-      const messages = await this.reserve(Math.min(100, room), stop);
-      for (const message of messages) this.accept(message, stop);
-      this.startWaiting();
+      lastPoll = this.reserve(Math.min(100, room), stop).then((messages) => {
+        for (const message of messages) this.accept(message, stop);
+        this.startWaiting();
+      });
+      // On stop, the grace period starts now, while the poll finishes.
+      await settledOrAborted(lastPoll, stop);
     }
-    await this.shutdown();
+    await this.shutdown(lastPoll);
   }
 
   /** Aborts every running command now (a second SIGTERM). */
   abortRunning(): void {
     this.hardStop.abort();
+    this.stopCommands();
+  }
+
+  private stopCommands(): void {
     for (const { controller } of this.running.values()) controller.abort();
   }
 
   private async ensureQueue(stop: AbortSignal): Promise<void> {
     try {
-      await this.deps.queue.ensureQueue(stop);
+      if (await this.deps.queue.ensureQueue(stop)) {
+        this.deps.log.info(
+          `queue ${this.queueName} did not exist: created it (check IRON_MQ_QUEUE_NAME if you expected messages)`,
+        );
+      }
     } catch (e) {
       if (!stop.aborted) {
         this.deps.log.warn(`queue ${this.queueName}: ${errorText(e)}`);
@@ -1701,6 +1796,7 @@ export class Worker {
       return this.settle(held, this.deadLetter(held, { reason: plan.reason }));
     }
     if (stop.aborted) {
+      this.countNotRun(held);
       return this.settle(
         held,
         this.release(held, 0, "shutting down before it started"),
@@ -1805,9 +1901,11 @@ export class Worker {
       }
       case "aborted":
         log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
+        this.countNotRun(held);
         return { afterwards: this.release(held, 0, "stopped by shutdown") };
       case "ssh-error":
         log.error(`${prefix} ssh error: ${result.error} (message ${id})`);
+        this.countNotRun(held);
         return {
           afterwards: this.release(
             held,
@@ -1819,13 +1917,20 @@ export class Worker {
   }
 
   /**
-   * Which run a newly reserved message is on: reserved_count less the touches
-   * this process made on it before (touches by an earlier process still count,
-   * so this errs on the high side).
+   * Which run a newly reserved message is on: reserved_count less what this
+   * process knows were no runs (an earlier process's are forgotten, so this
+   * errs on the high side).
    */
   private attemptOf(message: QueueMessage): number {
-    const touched = this.touches.get(message.id) ?? 0;
-    return Math.max(1, message.reserved_count - touched);
+    return Math.max(
+      1,
+      message.reserved_count - (this.notRuns.get(message.id) ?? 0),
+    );
+  }
+
+  private countNotRun(held: Held): void {
+    const id = held.message.id;
+    this.notRuns.set(id, (this.notRuns.get(id) ?? 0) + 1);
   }
 
   /** Touches the message at half its reservation so a long command keeps it. */
@@ -1840,8 +1945,7 @@ export class Worker {
       );
       if (result.ok) {
         held.reservationId = result.value;
-        const id = held.message.id;
-        this.touches.set(id, (this.touches.get(id) ?? 0) + 1);
+        this.countNotRun(held);
         this.deps.log.debug(`message ${held.message.id}: reservation extended`);
       } else {
         this.deps.log.warn(
@@ -1856,7 +1960,7 @@ export class Worker {
 
   private async deleteDone(held: Held): Promise<void> {
     const id = held.message.id;
-    this.touches.delete(id);
+    this.notRuns.delete(id);
     const outcome = await this.deletes.delete({
       id,
       reservation_id: held.reservationId,
@@ -1923,7 +2027,9 @@ export class Worker {
       attempts: held.attempt,
       reason: failure.reason,
       exit_status: failure.exitStatus,
-      stderr_tail: failure.stderrTail,
+      stderr_tail: failure.stderrTail === undefined
+        ? undefined
+        : (this.deps.redact ?? String)(failure.stderrTail),
       failed_at: new Date(this.deps.clock.now()).toISOString(),
     };
     const posted = await withRetries(
@@ -1951,10 +2057,12 @@ export class Worker {
     await this.deleteDone(held);
   }
 
-  private async shutdown(): Promise<void> {
+  /** Ends the backlog, the running commands and `lastPoll`, then what they left to do. */
+  private async shutdown(lastPoll: Promise<void>): Promise<void> {
     const { log, clock } = this.deps;
     for (const held of this.backlog.splice(0)) {
       held.keeper.stop();
+      this.countNotRun(held);
       this.settle(
         held,
         this.release(held, 0, "shutting down before it started"),
@@ -1977,10 +2085,11 @@ export class Worker {
         log.warn(
           `stopping: ${this.running.size} command(s) still running after the grace period: stopping them and releasing their messages`,
         );
-        this.abortRunning();
+        this.stopCommands();
         await Promise.allSettled(ended());
       }
     }
+    await lastPoll;
     while (this.settling.size > 0) await Promise.allSettled([...this.settling]);
     await this.deletes.idle();
   }
@@ -2027,14 +2136,15 @@ function configContext(env: Env): ConfigContext {
         return false;
       }
     },
+    readKey: (path) => Deno.readFileSync(path),
+    isSocket: (path) => {
+      try {
+        return Deno.statSync(path).isSocket === true;
+      } catch {
+        return false;
+      }
+    },
   };
-}
-
-/** The iron.json files the configuration may read, found or not. */
-export function ironJsonPaths(cwd: string, home: string): string[] {
-  return [cwd, home].flatMap((dir) =>
-    ["iron.json", ".iron.json"].map((name) => `${dir}/${name}`)
-  );
 }
 
 /**
@@ -2073,6 +2183,7 @@ export function permissionFlags(
   }
   if (config.ssh.keyFile !== undefined) read.add(config.ssh.keyFile);
   if (config.ssh.agentSocket !== undefined) {
+    net.add(`unix:${config.ssh.agentSocket}`);
     read.add(config.ssh.agentSocket);
     write.add(config.ssh.agentSocket);
   }
@@ -2142,17 +2253,28 @@ export async function main(
   );
   const worker = new Worker(
     config.task,
-    { queue, runner, log, clock: realClock },
+    {
+      queue,
+      runner,
+      log,
+      clock: realClock,
+      redact: (text) => maskSecrets(text, secrets),
+    },
     config.ssh.host,
     config.queue.queueName,
   );
+  let firstSignalAt = 0;
   const onSignal = () => {
+    // Ctrl-C reaches the worker twice at once (from the terminal, and from
+    // `deno task` passing it on): only a later one means "stop now".
+    if (stop.signal.aborted && Date.now() - firstSignalAt < 1000) return;
     if (stop.signal.aborted) {
       log.warn("second stop signal: stopping running commands now");
       worker.abortRunning();
       return;
     }
     log.info("stop signal received: no new messages will be reserved");
+    firstSignalAt = Date.now();
     stop.abort();
   };
   Deno.addSignalListener("SIGTERM", onSignal);
@@ -2208,12 +2330,29 @@ function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
 
-export function errorText(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
+/** Resolves when `work` settles or `signal` aborts, leaving no listener behind. */
+function settledOrAborted(
+  work: Promise<unknown>,
+  signal: AbortSignal,
+): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    if (signal.aborted) return resolve();
+    signal.addEventListener("abort", done, { once: true });
+    work.then(done, done);
+  });
 }
 
-function errorName(e: unknown): string {
-  return e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+/** An error's message, with its cause's (fetch hides "connection refused" there). */
+export function errorText(e: unknown): string {
+  if (!(e instanceof Error)) return String(e);
+  const cause = e.cause instanceof Error ? e.cause.message : undefined;
+  return cause && !e.message.includes(cause)
+    ? `${e.message}: ${cause}`
+    : e.message;
 }
 
 function bracketIPv6(host: string): string {

@@ -34,6 +34,7 @@ import {
 } from "./tasks.ts";
 import type { QueueServerOptions } from "./mq_server.ts";
 import {
+  childPids,
   freePort,
   killChildren,
   needs,
@@ -1213,7 +1214,7 @@ Deno.test({
           "\0",
         );
         assert.ok(
-          cmdline[0].endsWith("deno") && cmdline.includes("tasks.ts"),
+          cmdline[0].endsWith("deno") && cmdline.some((a) => a.endsWith("/tasks.ts")),
           cmdline.join(" "),
         );
         const owner = (await Deno.stat(`/proc/${pid}`)).uid;
@@ -1371,4 +1372,145 @@ Deno.test("worker: on stop, reserved messages that have not started go back at o
   } finally {
     await h.close();
   }
+});
+
+Deno.test("config: errors name where a bad value came from; half-set IronMQ settings are refused", () => {
+  const files = [{
+    path: "/srv/iron.json",
+    text: JSON.stringify({ token: "tok-from-file", port: "99999" }),
+  }];
+  const problems = configError(() =>
+    parseConfig(
+      { IRON_MQ_SCHEME: "ftp", IRON_HOST: "mq.example" },
+      context({ ironJsonFiles: files }),
+    )
+  ).join("\n");
+  assert.match(problems, /IRON_MQ_SCHEME="ftp": must be http or https/);
+  assert.match(problems, /\/srv\/iron\.json "port"="99999": must be a port/);
+
+  const half = configError(() => parseConfig({ IRON_PORT: "8096" }, context()));
+  assert.match(half.join("\n"), /IRON_PORT="8096": set IRON_HOST too/);
+
+  const plain = configError(() =>
+    parseConfig(
+      { IRON_TOKEN: "t0ken", IRON_PROJECT_ID: "p", IRON_SCHEME: "http" },
+      context(),
+    )
+  );
+  assert.match(plain.join("\n"), /would send IRON_TOKEN unencrypted/);
+  // A token to a local `deno task mq` over http is fine, with any project id.
+  const local = parseConfig(
+    { IRON_TOKEN: "t0ken", IRON_HOST: "127.0.0.1", IRON_SCHEME: "http" },
+    context(),
+  );
+  assert.equal(local.queue.projectId, "local");
+  assert.equal(local.queue.baseUrl, "http://127.0.0.1:80");
+});
+
+Deno.test({
+  name: "config: a key that cannot log in is named with the other problems",
+  ...sshdTest,
+  fn: async () => {
+    const dir = await Deno.makeTempDir();
+    try {
+      await run("ssh-keygen", [
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "s3cret-pass",
+        "-f",
+        `${dir}/k`,
+      ]);
+      const readKey = (path: string) => Deno.readFileSync(path);
+      const problems = (env: Env) =>
+        configError(() =>
+          parseConfig({ SSH_PORT: "abc", ...env }, context({ readKey }))
+        ).join("\n");
+      assert.match(
+        problems({ SSH_KEY_FILE: `${dir}/k` }),
+        /SSH_PORT[\s\S]*SSH_KEY_FILE=.*set SSH_KEY_PASSPHRASE/,
+      );
+      assert.match(
+        problems({ SSH_KEY_FILE: `${dir}/k.pub` }),
+        /this is a public key/,
+      );
+      assert.match(
+        problems({ SSH_KEY_FILE: `${dir}/none` }),
+        /SSH_KEY_FILE=.*cannot read it/,
+      );
+      const ok = parseConfig(
+        { SSH_KEY_FILE: `${dir}/k`, SSH_KEY_PASSPHRASE: "s3cret-pass" },
+        context({ readKey }),
+      );
+      assert.equal(ok.ssh.keyFile, `${dir}/k`);
+      assert.match(
+        configError(() =>
+          parseConfig(
+            { SSH_AUTH_SOCK: `${dir}/no-agent` },
+            context({ exists: () => false, isSocket: () => false }),
+          )
+        ).join("\n"),
+        /SSH_AUTH_SOCK=.*is ssh-agent running/,
+      );
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "end to end: ssh-agent through deno task start; a double Ctrl-C still stops gracefully",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const socket = `${sshd.dir}/agent.sock`;
+      const agent = new Deno.Command("ssh-agent", {
+        args: ["-D", "-a", socket],
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      try {
+        await until("the agent socket", () =>
+          Deno.stat(socket).then(() => true, () => false));
+        await new Deno.Command("ssh-add", {
+          args: [sshd.clientKeyFile],
+          env: { SSH_AUTH_SOCK: socket },
+          stdout: "null",
+          stderr: "null",
+        }).output();
+        const env: Record<string, string> = {
+          ...workerEnv(sshd, {
+            TASK_COMMAND: "sleep 1.5; echo slept",
+            SSH_AUTH_SOCK: socket,
+          }),
+        };
+        delete env.SSH_KEY_FILE;
+        const worker = spawnCollecting("deno", ["task", "start"], env);
+        let status: Deno.CommandStatus | undefined;
+        try {
+          const curlLine = (await worker.line(/post a test message: curl /))
+            .replace(/^.*post a test message: /, "");
+          await run("sh", ["-c", curlLine]);
+          await worker.line(/^\[127\.0\.0\.1\] run: sleep 1\.5/);
+          // A terminal's Ctrl-C reaches `deno task` and the worker at once.
+          const [inner] = childPids(worker.child.pid);
+          assert.ok(inner, "the worker process under deno task");
+          Deno.kill(worker.child.pid, "SIGINT");
+          Deno.kill(inner, "SIGINT");
+          await worker.line(/^\[127\.0\.0\.1\] out: slept$/);
+          await worker.line(/^stopped$/, 15_000);
+        } finally {
+          status = await worker.stop();
+        }
+        const log = worker.lines.join("\n");
+        assert.equal(status.code, 0, log);
+        assert.doesNotMatch(log, /second stop signal/);
+        assert.match(log, /exit: 0 \(message 1,/);
+      } finally {
+        agent.kill("SIGTERM");
+        await agent.status;
+      }
+    }),
 });

@@ -101,8 +101,8 @@ export function currentUser(): string {
     ).trim();
 }
 
-/** Ends sshd's per-connection processes (and theirs), which outlive the listener. */
-export function killChildren(pid: number, signal: Deno.Signal = "SIGKILL") {
+/** Every process's parent, from /proc. */
+function parentsByPid(): Map<number, number> {
   const parents = new Map<number, number>();
   for (const entry of Deno.readDirSync("/proc")) {
     if (!/^\d+$/.test(entry.name)) continue;
@@ -114,6 +114,17 @@ export function killChildren(pid: number, signal: Deno.Signal = "SIGKILL") {
       // gone meanwhile
     }
   }
+  return parents;
+}
+
+/** The direct children of `pid`. */
+export function childPids(pid: number): number[] {
+  return [...parentsByPid()].filter(([, ppid]) => ppid === pid).map(([p]) => p);
+}
+
+/** Ends sshd's per-connection processes (and theirs), which outlive the listener. */
+export function killChildren(pid: number, signal: Deno.Signal = "SIGKILL") {
+  const parents = parentsByPid();
   const isDescendant = (p: number): boolean => {
     for (let up = parents.get(p); up !== undefined; up = parents.get(up)) {
       if (up === pid) return true;
