@@ -1214,7 +1214,8 @@ Deno.test({
           "\0",
         );
         assert.ok(
-          cmdline[0].endsWith("deno") && cmdline.some((a) => a.endsWith("/tasks.ts")),
+          cmdline[0].endsWith("deno") &&
+            cmdline.some((a) => a.endsWith("/tasks.ts")),
           cmdline.join(" "),
         );
         const owner = (await Deno.stat(`/proc/${pid}`)).uid;
