@@ -1515,3 +1515,32 @@ Deno.test({
       }
     }),
 });
+
+Deno.test("worker: a delete refused because the reservation expired is logged as 'may run twice'", async () => {
+  // 20 times faster: the 30 s reservation is over after 1.5 s of a 2 s command.
+  const h = await harness({ now: fastClock(20) });
+  let runs = 0;
+  const runner = new FakeRunner(async () => {
+    runs++;
+    if (runs === 1) await new Promise((r) => setTimeout(r, 2_000));
+    return { kind: "exit", code: 0 };
+  });
+  const w = startWorker(h, runner, { concurrency: 1 }, {
+    touchIntervalMs: 1e9, // no touching: let the reservation lapse
+  });
+  try {
+    await h.post(["slow"]);
+    await until(
+      "the refused delete",
+      () => h.log.lines.some((l) => /MAY RUN TWICE/.test(l)),
+      10_000,
+    );
+  } finally {
+    await w.stop();
+    await h.close();
+  }
+  assert.match(
+    h.log.lines.join("\n"),
+    /WARN message 1: the command succeeded but the delete did not: its reservation had expired/,
+  );
+});
