@@ -13,8 +13,8 @@ import {
 } from "./tasks.ts";
 import type { QueueServerOptions } from "./mq_server.ts";
 import {
+  keygen,
   needs,
-  run,
   type Sshd,
   sshdMissing,
   sshEnv,
@@ -917,17 +917,7 @@ Deno.test({
       const token = randomSecret("tok");
       const passphrase = randomSecret("pass");
       const keyFile = `${sshd.dir}/secret_ed25519`;
-      await run("ssh-keygen", [
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        passphrase,
-        "-C",
-        "secret",
-        "-f",
-        keyFile,
-      ]);
+      await keygen(keyFile, passphrase);
       await Deno.writeTextFile(
         `${sshd.dir}/authorized_keys`,
         `\n${await Deno.readTextFile(`${keyFile}.pub`)}`,

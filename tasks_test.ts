@@ -36,6 +36,7 @@ import type { QueueServerOptions } from "./mq_server.ts";
 import {
   childPids,
   freePort,
+  keygen,
   killChildren,
   needs,
   run,
@@ -353,15 +354,7 @@ Deno.test({
   fn: async () => {
     const dir = await Deno.makeTempDir();
     try {
-      await run("ssh-keygen", [
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "",
-        "-f",
-        `${dir}/k`,
-      ]);
+      await keygen(`${dir}/k`);
       const pub = (await Deno.readTextFile(`${dir}/k.pub`)).split(" ");
       const listed = await new Deno.Command("ssh-keygen", {
         args: ["-l", "-f", `${dir}/k.pub`],
@@ -642,7 +635,7 @@ Deno.test({
   fn: () =>
     withSshd(async (sshd) => {
       const other = `${sshd.dir}/other`;
-      await run("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", other]);
+      await keygen(other);
       const otherKey = (await Deno.readTextFile(`${other}.pub`)).split(" ");
       await Deno.writeTextFile(
         sshd.knownHostsFile,
@@ -720,15 +713,7 @@ Deno.test({
       );
 
       const stranger = `${sshd.dir}/stranger`;
-      await run("ssh-keygen", [
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "",
-        "-f",
-        stranger,
-      ]);
+      await keygen(stranger);
       const authLog = memoryLog();
       const wrongKey = poolFor(sshd, authLog, { SSH_KEY_FILE: stranger });
       await assert.rejects(wrongKey.ready(AbortSignal.timeout(1_500)));
@@ -1414,15 +1399,7 @@ Deno.test({
   fn: async () => {
     const dir = await Deno.makeTempDir();
     try {
-      await run("ssh-keygen", [
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "s3cret-pass",
-        "-f",
-        `${dir}/k`,
-      ]);
+      await keygen(`${dir}/k`, "s3cret-pass");
       const readKey = (path: string) => Deno.readFileSync(path);
       const problems = (env: Env) =>
         configError(() =>

@@ -141,13 +141,14 @@ export function killChildren(pid: number, signal: Deno.Signal = "SIGKILL") {
   }
 }
 
-async function keygen(path: string, type = "ed25519"): Promise<string> {
+/** A new ed25519 key pair at `path` (and `path`.pub); returns the public key line. */
+export async function keygen(path: string, passphrase = ""): Promise<string> {
   await run("ssh-keygen", [
     "-q",
     "-t",
-    type,
+    "ed25519",
     "-N",
-    "",
+    passphrase,
     "-C",
     "test",
     "-f",
