@@ -2234,7 +2234,7 @@ export async function main(
       log.error(
         `cannot start the embedded queue server: ${
           errorText(e)
-        } (set MQ_PORT to another port, or IRON_HOST/IRON_TOKEN for an IronMQ server)`,
+        } (MQ_PORT sets its port; or set IRON_HOST/IRON_TOKEN to use another IronMQ server)`,
       );
       return 1;
     }
