@@ -5,11 +5,13 @@
  * output the way Fabric did (`[host] out: ...`), and deletes the message only after
  * the command succeeded. A failed command is released for a retry; a message that
  * keeps failing, or can never run, goes to a dead-letter queue. With no IronMQ
- * token configured it starts the embedded queue server (mq_server.ts) in-process.
+ * token or host configured it starts the embedded queue server (mq_server.ts)
+ * in-process.
  *
  * The file reads top to bottom: configuration, logging, message parsing and
- * quoting, the IronMQ client, known_hosts, the SSH runner, the worker loop, and the
- * entry point.
+ * quoting, time and backoff, the IronMQ client, known_hosts, the SSH runner, the
+ * worker loop, and the entry point (with `--permissions`, the Deno flags that
+ * ./start grants).
  */
 
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
