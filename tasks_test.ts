@@ -770,6 +770,15 @@ async function harness(
   return { ...await startTestQueue(serverOptions), log: memoryLog() };
 }
 
+/** Waits until the one message is in jobs_failed and gone from jobs. */
+async function untilDeadLettered(h: Harness): Promise<void> {
+  await until(
+    "dead-lettered",
+    async () => (await h.peek("jobs_failed")).length === 1,
+  );
+  await until("source empty", async () => (await h.info()).size === 0);
+}
+
 function taskConfig(overrides: Partial<TaskConfig> = {}): TaskConfig {
   return {
     command: "run-it",
@@ -843,11 +852,7 @@ Deno.test("worker: a failing command is released and retried, then dead-lettered
   let id: string;
   try {
     [id] = await h.post(["hello world!"]);
-    await until(
-      "dead-lettered",
-      async () => (await h.peek("jobs_failed")).length === 1,
-    );
-    await until("source empty", async () => (await h.info()).size === 0);
+    await untilDeadLettered(h);
   } finally {
     await w.stop();
   }
@@ -876,11 +881,7 @@ Deno.test("worker: a body whose args are invalid runs nothing and goes to the de
   const w = startWorker(h, runner);
   try {
     await h.post([JSON.stringify({ args: ["ok", 5] })]);
-    await until(
-      "dead-lettered",
-      async () => (await h.peek("jobs_failed")).length === 1,
-    );
-    await until("source empty", async () => (await h.info()).size === 0);
+    await untilDeadLettered(h);
   } finally {
     await w.stop();
   }
