@@ -22,7 +22,6 @@ import { parseArgs } from "node:util";
 import { Client } from "ssh2";
 import {
   type CommandRunner,
-  type Env,
   IronMqClient,
   loadSshCredentials,
   type Log,
@@ -35,7 +34,7 @@ import {
   SshPool,
   Worker,
 } from "./tasks.ts";
-import { type QueueServer, startQueueServer } from "./mq_server.ts";
+import { type Env, type QueueServer, startQueueServer } from "./mq_server.ts";
 import { run, type Sshd, startSshd } from "./test_sshd.ts";
 
 // ---------------------------------------------------------------------------

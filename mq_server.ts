@@ -65,10 +65,6 @@ const queueNotFound = () => new ApiError(404, "Queue not found");
 const messageNotFound = () => new ApiError(404, "Message not found");
 const badRequest = (message: string) => new ApiError(400, message);
 
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
-
 function asError(error: unknown): Error {
   return error instanceof Error ? error : new Error(String(error));
 }
@@ -195,7 +191,7 @@ function openDatabase(path: string): DatabaseSync {
     db?.close();
     throw new Error(
       `Cannot open the queue database ${JSON.stringify(path)}: ${
-        errorMessage(error)
+        errorText(error)
       }. Check the path is writable and that no other mq_server uses it.`,
     );
   }
@@ -839,10 +835,6 @@ class LongPolls {
 
 type JsonObject = Record<string, unknown>;
 
-function isObject(value: unknown): value is JsonObject {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
 /** The body as text; 413 past the size limit, counted as it streams in. */
 async function readBody(request: Request): Promise<string> {
   const declared = Number(request.headers.get("content-length") ?? 0);
@@ -886,9 +878,9 @@ async function readJsonObject(
   try {
     value = JSON.parse(text);
   } catch (error) {
-    throw badRequest(`Malformed JSON in request body: ${errorMessage(error)}`);
+    throw badRequest(`Malformed JSON in request body: ${errorText(error)}`);
   }
-  if (!isObject(value)) throw badRequest("Request body must be a JSON object");
+  if (!isRecord(value)) throw badRequest("Request body must be a JSON object");
   return value;
 }
 
@@ -956,7 +948,7 @@ function isValidName(name: string): boolean {
 
 function parseQueueSettings(body: JsonObject): QueueSettings {
   const queue = body.queue ?? {};
-  if (!isObject(queue)) throw badRequest("queue must be a JSON object");
+  if (!isRecord(queue)) throw badRequest("queue must be a JSON object");
   const type = queue.type;
   if (type === "multicast" || type === "unicast" || queue.push !== undefined) {
     throw badRequest(
@@ -981,7 +973,7 @@ function parseQueueSettings(body: JsonObject): QueueSettings {
 
 function parseDeadLetter(value: unknown): QueueSettings["dead_letter"] {
   if (value === undefined || value === null) return undefined;
-  if (!isObject(value)) throw badRequest("dead_letter must be a JSON object");
+  if (!isRecord(value)) throw badRequest("dead_letter must be a JSON object");
   const name = value.queue_name;
   if (typeof name !== "string" || (name !== "" && !isValidName(name))) {
     throw badRequest(
@@ -1007,7 +999,7 @@ function parseNewMessages(body: JsonObject): NewMessage[] {
   }
   return messages.map((message: unknown, index) => {
     const label = `messages[${index}]`;
-    if (!isObject(message)) throw badRequest(`${label} must be a JSON object`);
+    if (!isRecord(message)) throw badRequest(`${label} must be a JSON object`);
     const messageBody = stringField(message, "body", `${label}.body`);
     if (messageBody === undefined) {
       throw badRequest(`${label}.body is required (a non-empty string)`);
@@ -1055,7 +1047,7 @@ function parseBatchDelete(body: JsonObject): MessageTarget[] | "clear" {
   }
   return ids.map((item: unknown, index) => {
     const label = `ids[${index}]`;
-    if (!isObject(item)) throw badRequest(`${label} must be a JSON object`);
+    if (!isRecord(item)) throw badRequest(`${label} must be a JSON object`);
     return {
       id: messageIdField(item.id, `${label}.id`),
       reservationId: stringField(
@@ -1367,12 +1359,12 @@ function createRequestHandler(
       }
       log(
         `mq_server: ${request.method} ${url.pathname} failed: ${
-          errorMessage(error)
+          errorText(error)
         }`,
       );
       return errorResponse(
         500,
-        `Internal server error: ${errorMessage(error)}`,
+        `Internal server error: ${errorText(error)}`,
       );
     }
   };
@@ -1381,14 +1373,8 @@ function createRequestHandler(
 // ---------------------------------------------------------------------------
 // Starting, stopping and configuring the server
 
-function isLoopback(hostname: string): boolean {
-  return hostname === "localhost" || hostname === "::1" ||
-    /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(hostname);
-}
-
 function formatUrl(hostname: string, port: number): string {
-  const host = hostname.includes(":") ? `[${hostname}]` : hostname;
-  return `http://${host}:${port}`;
+  return `http://${bracketIPv6(hostname)}:${port}`;
 }
 
 type ResolvedOptions = Required<Omit<QueueServerOptions, "token">> & {
@@ -1437,7 +1423,7 @@ function listen(options: ResolvedOptions): QueueServer {
     store.close();
     throw new Error(
       `Cannot listen on ${hostname}:${options.port}: ${
-        errorMessage(error)
+        errorText(error)
       }. Choose another port or stop what uses it.`,
     );
   }
@@ -1475,9 +1461,9 @@ export function startQueueServer(
  * one Error naming every bad variable; the token's value is never echoed.
  */
 export function queueServerOptionsFromEnv(
-  env: Record<string, string | undefined>,
+  env: Env,
 ): QueueServerOptions {
-  const value = (name: string) => env[name] === "" ? undefined : env[name];
+  const value = (name: string) => envValue(env, name);
   const problems: string[] = [];
   const hostname = value("MQ_HOST") ?? DEFAULT_HOSTNAME;
   if (!/^(?:[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+)$/.test(hostname)) {
@@ -1521,7 +1507,7 @@ async function main(): Promise<void> {
   try {
     options = queueServerOptionsFromEnv(Deno.env.toObject());
   } catch (error) {
-    console.error(`mq_server: ${errorMessage(error)}`);
+    console.error(`mq_server: ${errorText(error)}`);
     Deno.exit(2);
   }
   let server: QueueServer;
@@ -1531,7 +1517,7 @@ async function main(): Promise<void> {
       log: (line) => console.log(line),
     });
   } catch (error) {
-    console.error(`mq_server: ${errorMessage(error)}`);
+    console.error(`mq_server: ${errorText(error)}`);
     Deno.exit(1);
   }
   const stop = async (signal: Deno.Signal) => {
@@ -1545,3 +1531,38 @@ async function main(): Promise<void> {
 }
 
 if (import.meta.main) await main();
+
+// ---------------------------------------------------------------------------
+// Helpers shared with tasks.ts (which imports them from here)
+
+export type Env = Record<string, string | undefined>;
+
+/** A variable's value; empty counts as unset, as in a runit env/ directory. */
+export function envValue(env: Env, name: string): string | undefined {
+  const value = env[name];
+  return value === "" ? undefined : value;
+}
+
+export function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+/** An error's message, with its cause's (fetch hides "connection refused" there). */
+export function errorText(e: unknown): string {
+  if (!(e instanceof Error)) return String(e);
+  const cause = e.cause instanceof Error ? e.cause.message : undefined;
+  return cause && !e.message.includes(cause)
+    ? `${e.message}: ${cause}`
+    : e.message;
+}
+
+/** localhost, ::1 (bracketed or not) and 127.0.0.0/8: traffic that stays on this machine. */
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || host === "[::1]" ||
+    /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+}
+
+/** An IPv6 address as a URL or Deno permission wants it: `[::1]`. */
+export function bracketIPv6(host: string): string {
+  return host.includes(":") && !host.startsWith("[") ? `[${host}]` : host;
+}

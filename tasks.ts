@@ -21,6 +21,12 @@ import { userInfo } from "node:os";
 import { Client, type ClientChannel, utils as sshUtils } from "ssh2";
 import { configure, getLogger, type LogRecord } from "@logtape/logtape";
 import {
+  bracketIPv6,
+  type Env,
+  envValue,
+  errorText,
+  isLoopback,
+  isRecord,
   type QueueServer,
   type QueueServerOptions,
   queueServerOptionsFromEnv,
@@ -31,7 +37,6 @@ import {
 // Configuration
 // ---------------------------------------------------------------------------
 
-export type Env = Record<string, string | undefined>;
 export type HostKeyPolicy = "yes" | "accept-new";
 export type LogLevelName = "debug" | "info" | "warning" | "error";
 
@@ -166,24 +171,17 @@ function ironSetting(
   return undefined;
 }
 
-function isLoopback(host: string): boolean {
-  return host === "localhost" || host === "::1" || host === "[::1]" ||
-    /^127\.\d+\.\d+\.\d+$/.test(host);
-}
-
 /** Collects every problem instead of stopping at the first. */
 class EnvReader {
   readonly problems: string[] = [];
   constructor(private readonly env: Env) {}
 
   text(name: string, fallback: string): string {
-    const value = this.env[name];
-    return value === undefined || value === "" ? fallback : value;
+    return envValue(this.env, name) ?? fallback;
   }
 
   optional(name: string): string | undefined {
-    const value = this.env[name];
-    return value === undefined || value === "" ? undefined : value;
+    return envValue(this.env, name);
   }
 
   integer(name: string, fallback: number, min: number, max: number): number {
@@ -2328,10 +2326,6 @@ if (import.meta.main) {
 // Small helpers
 // ---------------------------------------------------------------------------
 
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
 /** Resolves when `work` settles or `signal` aborts, leaving no listener behind. */
 function settledOrAborted(
   work: Promise<unknown>,
@@ -2346,17 +2340,4 @@ function settledOrAborted(
     signal.addEventListener("abort", done, { once: true });
     work.then(done, done);
   });
-}
-
-/** An error's message, with its cause's (fetch hides "connection refused" there). */
-export function errorText(e: unknown): string {
-  if (!(e instanceof Error)) return String(e);
-  const cause = e.cause instanceof Error ? e.cause.message : undefined;
-  return cause && !e.message.includes(cause)
-    ? `${e.message}: ${cause}`
-    : e.message;
-}
-
-function bracketIPv6(host: string): string {
-  return host.includes(":") && !host.startsWith("[") ? `[${host}]` : host;
 }

@@ -8,8 +8,6 @@ import {
   type Config,
   type ConfigContext,
   ConfigError,
-  type Env,
-  errorText,
   fingerprint,
   formatRecord,
   hostFieldMatches,
@@ -32,7 +30,7 @@ import {
   Worker,
   type WorkerDeps,
 } from "./tasks.ts";
-import type { QueueServerOptions } from "./mq_server.ts";
+import { type Env, errorText, type QueueServerOptions } from "./mq_server.ts";
 import {
   childPids,
   freePort,
