@@ -30,6 +30,7 @@ import {
   realClock,
   type RunIo,
   type RunResult,
+  Secrets,
   setupLogging,
   SshPool,
   Worker,
@@ -223,7 +224,7 @@ async function startRig(): Promise<Rig> {
       dbPath: `${dir}/bench.sqlite`,
     });
     stops.push(() => server.close());
-    const log = await setupLogging(() => {}, "info", []);
+    const log = await setupLogging(() => {}, "info", new Secrets([]));
     const client = (queueName: string) =>
       new IronMqClient({ baseUrl: server.url, projectId: PROJECT, queueName });
     return { dir, sshd, server, log, client, stop };

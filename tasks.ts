@@ -1,17 +1,22 @@
 /**
  * tasks.ts: a worker that turns IronMQ messages into commands on a remote server.
  *
- * For each message it reserves, it runs the configured command over SSH, logs the
- * output the way Fabric did (`[host] out: ...`), and deletes the message only after
- * the command succeeded. A failed command is released for a retry; a message that
- * keeps failing, or can never run, goes to a dead-letter queue. With no IronMQ
- * token or host configured it starts the embedded queue server (mq_server.ts)
- * in-process.
+ * The loop of the original tasks.py, `while True: get a message; run it over SSH;
+ * delete it`, kept recognizable: for each message it reserves, it runs the
+ * configured command over SSH, logs the output the way Fabric did
+ * (`[host] out: ...`), and deletes the message only after the command succeeded.
+ * A failed command is released for a retry; a message that keeps failing, or can
+ * never run, goes to a dead-letter queue. With no IronMQ token or host configured
+ * it starts the embedded queue server (mq_server.ts) in-process.
  *
- * The file reads top to bottom: configuration, logging, message parsing and
- * quoting, time and backoff, the IronMQ client, known_hosts, the SSH runner, the
- * worker loop, and the entry point (with `--permissions`, the Deno flags that
- * ./start grants).
+ * The file reads top down: the entry point; the loop (TASK_CONCURRENCY
+ * processors, each taking one message at a time); the processing step of one
+ * message; then the parts it uses, each with one concern, in the manner of
+ * Sidekiq's Manager, Processor and Fetcher: settling (batched deletes, releases,
+ * dead letters), fetching (long-polls with a prefetch sized by the queue's round
+ * trip), the retry helper, message parsing and quoting, logging, configuration
+ * (with `--permissions`, the Deno flags that ./start grants), the IronMQ client,
+ * known_hosts, and the SSH runner.
  */
 
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
@@ -34,7 +39,1375 @@ import {
 } from "./mq_server.ts";
 
 // ---------------------------------------------------------------------------
-// Configuration
+// Entry point (called at the bottom of the file, once everything is defined)
+// ---------------------------------------------------------------------------
+
+/** Starts everything from the environment; resolves to the exit code. */
+async function main(): Promise<number> {
+  const env = Deno.env.toObject();
+  const output = new StdoutLines();
+  let config: Config;
+  let credentials: SshCredentials;
+  try {
+    config = parseConfig(env, configContext(env));
+    credentials = loadSshCredentials(config.ssh);
+  } catch (e) {
+    output.write(`FATAL ${errorText(e).replaceAll("\n", "\n  ")}`);
+    await output.flush();
+    return 2;
+  }
+  const secrets = new Secrets([config.queue.token, config.ssh.passphrase]);
+  const log = await setupLogging(output.write, config.logLevel, secrets);
+
+  let server: QueueServer | undefined;
+  if (config.embedded) {
+    try {
+      server = await startQueueServer(config.embedded);
+    } catch (e) {
+      log.error(
+        `cannot start the embedded queue server: ${errorText(e)}${
+          embeddedServerHint(e, config.embedded)
+        }`,
+      );
+      await output.flush();
+      return 1;
+    }
+    config.queue.baseUrl = server.url;
+    log.info(`embedded IronMQ server listening on ${server.url}`);
+    log.info(`post a test message: ${curlExample(config.queue)}`);
+  }
+
+  const stop = new AbortController();
+  const runner = new SshPool(
+    config.ssh,
+    credentials,
+    config.task.concurrency,
+    log,
+  );
+  const worker = new Worker(
+    config.task,
+    {
+      queue: new IronMqClient(config.queue),
+      runner,
+      log,
+      clock: realClock,
+      secrets,
+    },
+    config.ssh.host,
+    config.queue.queueName,
+  );
+  let firstSignalAt = 0;
+  const onSignal = () => {
+    // Ctrl-C reaches the worker twice at once (from the terminal, and from
+    // `deno task` passing it on): only a later one means "stop now".
+    if (stop.signal.aborted && Date.now() - firstSignalAt < 1000) return;
+    if (stop.signal.aborted) {
+      log.warn("second stop signal: stopping running commands now");
+      worker.abortRunning();
+      return;
+    }
+    log.info("stop signal received: no new messages will be reserved");
+    firstSignalAt = Date.now();
+    stop.abort();
+  };
+  Deno.addSignalListener("SIGTERM", onSignal);
+  Deno.addSignalListener("SIGINT", onSignal);
+
+  log.info(
+    `worker: queue ${config.queue.queueName} at ${config.queue.baseUrl}, ssh ${config.ssh.user}@${config.ssh.host}:${config.ssh.port}, command: ${config.task.command}, concurrency ${config.task.concurrency}`,
+  );
+  try {
+    await worker.run(stop.signal);
+  } finally {
+    Deno.removeSignalListener("SIGTERM", onSignal);
+    Deno.removeSignalListener("SIGINT", onSignal);
+    runner.close();
+    await server?.close();
+  }
+  log.info("stopped");
+  await output.flush();
+  return 0;
+}
+
+/** What to do when the embedded server cannot start: another port, or the server already there. */
+function embeddedServerHint(e: unknown, options: QueueServerOptions): string {
+  const text = errorText(e);
+  if (/address already in use|AddrInUse/i.test(text)) {
+    const host = options.hostname ?? "127.0.0.1";
+    const port = options.port ?? 8080;
+    const token = options.token === undefined
+      ? ""
+      : " IRON_TOKEN=<its MQ_TOKEN>";
+    return `. Port ${port} is taken: start this one on another port (MQ_PORT=${
+      port + 1
+    }), or, if a queue server already runs there, use it: IRON_HOST=${host} IRON_PORT=${port} IRON_SCHEME=http${token}`;
+  }
+  if (/database is locked|locked/i.test(text)) {
+    return `. Another queue server holds ${
+      options.dbPath ?? "ironmq.sqlite"
+    }: stop it, or give this one its own file (MQ_DB=/path/to/other.sqlite)`;
+  }
+  return " (MQ_HOST, MQ_PORT and MQ_DB configure it; or set IRON_HOST and IRON_TOKEN to use another IronMQ server)";
+}
+
+// ---------------------------------------------------------------------------
+// The loop: TASK_CONCURRENCY processors, each taking one message at a time
+// ---------------------------------------------------------------------------
+
+export interface WorkerDeps {
+  queue: QueueApi;
+  runner: CommandRunner;
+  log: Log;
+  clock: Clock;
+  /** How often a held message's reservation is extended; default half of it. */
+  touchIntervalMs?: number;
+  /** Masked in what leaves the worker besides the log (dead-letter records). */
+  secrets?: Secrets;
+}
+
+/** A reserved message and its current reservation id (a touch replaces it). */
+interface Held {
+  message: QueueMessage;
+  reservationId: string;
+  /** Which run this is, counting this one. */
+  attempt: number;
+  /** Touches the reservation while the message waits and runs. */
+  keeper?: Keeper;
+}
+
+/** What went wrong on the last run, for the log and the dead-letter record. */
+interface Failure {
+  reason: string;
+  exitStatus?: number | string;
+  stderrTail?: string;
+}
+
+export class Worker {
+  private readonly fetcher: Fetcher;
+  private readonly settler: Settler;
+  /** How to stop each running command (grace period over, or a second signal). */
+  private readonly running = new Set<AbortController>();
+  private readonly hardStop = new AbortController();
+
+  constructor(
+    private readonly task: TaskConfig,
+    private readonly deps: WorkerDeps,
+    private readonly host: string,
+    queueName: string,
+  ) {
+    const attempts = new AttemptCounter();
+    this.settler = new Settler(task, deps, queueName, attempts);
+    this.fetcher = new Fetcher(
+      task,
+      deps,
+      queueName,
+      attempts,
+      this.settler,
+      this.hardStop.signal,
+    );
+  }
+
+  /**
+   * `process_one until done`, by TASK_CONCURRENCY processors at once, until
+   * `stop` aborts. The fetcher keeps reserved messages ready, so a processor
+   * that finishes starts its next command without a round trip to the queue.
+   */
+  async run(stop: AbortSignal): Promise<void> {
+    await this.fetcher.ensureQueue(stop);
+    const fetching = this.fetcher.run(stop);
+    const processor = async () => {
+      for (;;) {
+        const held = await this.fetcher.take(stop);
+        if (held === undefined) return; // stopping
+        await this.processOne(held).catch((e) =>
+          this.deps.log.error(
+            `message ${held.message.id}: unexpected error: ${errorText(e)}`,
+          )
+        );
+      }
+    };
+    const processing = Promise.all(
+      Array.from({ length: this.task.concurrency }, processor),
+    );
+    await settledOrAborted(processing, stop);
+    await this.gracePeriod(processing);
+    await fetching; // its last long-poll, and what it held, released
+    await this.settler.idle();
+  }
+
+  /** Stops every running command now (a second SIGTERM or Ctrl-C). */
+  abortRunning(): void {
+    this.hardStop.abort();
+    for (const command of this.running) command.abort();
+  }
+
+  /**
+   * One message, start to end, as in tasks.py: run its command, then delete it
+   * (success), release it for a retry (failure, or no run at all), or move it
+   * to the dead-letter queue (attempts used up, or a body that can never run).
+   * The settler does the queue calls, so the processor moves on at once.
+   */
+  private async processOne(held: Held): Promise<void> {
+    const { log, clock } = this.deps;
+    const id = held.message.id;
+    const plan = planCommand(this.task.command, held.message.body);
+    if (!plan.ok) {
+      log.error(`message ${id}: will not run anything: ${plan.reason}`);
+      return this.settler.deadLetter(held, { reason: plan.reason });
+    }
+    if (held.attempt > this.task.maxAttempts) {
+      // Its last attempt failed on an earlier reservation, but the dead-letter
+      // queue could not take it then: record it now, without running it again.
+      log.warn(
+        `message ${id}: not run again: its ${this.task.maxAttempts} attempt(s) are used up (TASK_MAX_ATTEMPTS)`,
+      );
+      return this.settler.deadLetter(held, {
+        reason:
+          `its ${this.task.maxAttempts} attempt(s) were used up; the dead-letter queue could not take it at first`,
+      });
+    }
+
+    const prefix = `[${this.host}]`;
+    log.info(`${prefix} run: ${plan.command}`);
+    log.debug(`message ${id}: attempt ${held.attempt}`);
+    const started = clock.now();
+    const { result, stderrTail } = await this.execute(plan.command);
+    const took = `${clock.now() - started} ms`;
+    const failed = (reason: string, exitStatus: number | string) =>
+      this.settler.failed(held, { reason, exitStatus, stderrTail });
+
+    switch (result.kind) {
+      case "exit":
+        if (result.code === 0) {
+          log.info(`${prefix} exit: 0 (message ${id}, ${took})`);
+          return this.settler.delete(held);
+        }
+        log.warn(`${prefix} exit: ${result.code} (message ${id}, ${took})`);
+        return failed(`exit status ${result.code}`, result.code);
+      case "signal":
+        log.warn(
+          `${prefix} killed by signal ${result.signal} (message ${id}, ${took})`,
+        );
+        return failed(`killed by signal ${result.signal}`, result.signal);
+      case "timeout": {
+        const limit = `${this.task.timeoutMs / 1000} s`;
+        log.warn(`${prefix} timed out after ${limit}: stopped (message ${id})`);
+        return failed(`timed out after ${limit} (TASK_TIMEOUT)`, "timeout");
+      }
+      case "aborted":
+        log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
+        return this.settler.notRun(held, 0, "stopped by shutdown");
+      case "ssh-error":
+        log.error(`${prefix} ssh error: ${result.error} (message ${id})`);
+        return this.settler.notRun(
+          held,
+          this.task.retryDelaySeconds,
+          "SSH failed",
+        );
+    }
+  }
+
+  /** Runs a command, logging its output line by line as Fabric did. */
+  private async execute(
+    command: string,
+  ): Promise<{ result: RunResult; stderrTail: string }> {
+    const { log, secrets } = this.deps;
+    const prefix = `[${this.host}]`;
+    const stderrTail = new Tail();
+    const out = new LineSplitter(
+      (line) => log.info(`${prefix} out: ${line}`),
+      undefined,
+      secrets,
+    );
+    const err = new LineSplitter(
+      (line) => {
+        stderrTail.add(line);
+        log.info(`${prefix} err: ${line}`);
+      },
+      undefined,
+      secrets,
+    );
+    const controller = new AbortController();
+    if (this.hardStop.signal.aborted) controller.abort();
+    this.running.add(controller);
+    try {
+      const result = await this.deps.runner.run(command, {
+        onStdout: (chunk) => out.push(chunk),
+        onStderr: (chunk) => err.push(chunk),
+        timeoutMs: this.task.timeoutMs,
+        signal: controller.signal,
+      });
+      out.end();
+      err.end();
+      return { result, stderrTail: stderrTail.toString() };
+    } finally {
+      this.running.delete(controller);
+    }
+  }
+
+  /** Gives running commands TASK_SHUTDOWN_GRACE to end, then stops them. */
+  private async gracePeriod(processing: Promise<unknown>): Promise<void> {
+    const { log, clock } = this.deps;
+    if (this.running.size > 0) {
+      log.info(
+        `stopping: waiting up to ${
+          this.task.shutdownGraceMs / 1000
+        } s for ${this.running.size} running command(s) (TASK_SHUTDOWN_GRACE); Ctrl-C again stops them now`,
+      );
+      const over = new AbortController();
+      await Promise.race([
+        processing,
+        clock.sleep(this.task.shutdownGraceMs, over.signal),
+      ]);
+      over.abort();
+      if (this.running.size > 0) {
+        log.warn(
+          `stopping: ${this.running.size} command(s) still running after the grace period: stopping them and releasing their messages`,
+        );
+        for (const command of this.running) command.abort();
+      }
+    }
+    await processing;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Settling: deletes in batches, releases and dead letters, off the processors'
+// path; shutdown waits for them
+// ---------------------------------------------------------------------------
+
+class Settler {
+  private readonly pending = new Set<Promise<void>>();
+  private readonly deletes: DeleteBatcher;
+
+  constructor(
+    private readonly task: TaskConfig,
+    private readonly deps: WorkerDeps,
+    private readonly queueName: string,
+    private readonly attempts: AttemptCounter,
+  ) {
+    this.deletes = new DeleteBatcher(deps);
+  }
+
+  /** The command succeeded. */
+  delete(held: Held): void {
+    this.track(held, this.deleteDone(held));
+  }
+
+  /** The command failed: a retry later, or the dead-letter queue after the last attempt. */
+  failed(held: Held, failure: Failure): void {
+    if (held.attempt >= this.task.maxAttempts) {
+      return this.deadLetter(held, failure);
+    }
+    const delay = releaseDelaySeconds(
+      held.attempt,
+      this.task.retryDelaySeconds,
+    );
+    this.track(
+      held,
+      this.release(
+        held,
+        delay,
+        `${failure.reason}, attempt ${held.attempt} of ${this.task.maxAttempts}`,
+      ),
+    );
+  }
+
+  /** Nothing ran (SSH failed, or a stop): back to the queue, not counted as an attempt. */
+  notRun(held: Held, delaySeconds: number, why: string): void {
+    this.attempts.notRun(held.message.id);
+    this.track(held, this.release(held, delaySeconds, why));
+  }
+
+  deadLetter(held: Held, failure: Failure): void {
+    this.track(held, this.recordDeadLetter(held, failure));
+  }
+
+  async idle(): Promise<void> {
+    while (this.pending.size > 0) await Promise.allSettled([...this.pending]);
+    await this.deletes.idle();
+  }
+
+  private track(held: Held, work: Promise<void>): void {
+    const tracked = work.catch((e) =>
+      this.deps.log.error(
+        `message ${held.message.id}: unexpected error: ${errorText(e)}`,
+      )
+    ).finally(() => this.pending.delete(tracked));
+    this.pending.add(tracked);
+  }
+
+  private async deleteDone(held: Held): Promise<void> {
+    await held.keeper?.stop();
+    const id = held.message.id;
+    this.attempts.forget(id);
+    const outcome = await this.deletes.delete({
+      id,
+      reservation_id: held.reservationId,
+    });
+    if (outcome === "deleted") return;
+    if (outcome === "gone") {
+      // Most often our own earlier try landed and only its reply was lost.
+      this.deps.log.info(
+        `message ${id}: already gone from the queue when deleted`,
+      );
+      return;
+    }
+    const why = outcome === "expired"
+      ? "its reservation had expired, so another worker may have it: it MAY RUN TWICE (not rerun here)"
+      : "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE";
+    this.deps.log.warn(
+      `message ${id}: the command succeeded but the delete did not: ${why}`,
+    );
+  }
+
+  private async release(
+    held: Held,
+    delaySeconds: number,
+    why: string,
+  ): Promise<void> {
+    await held.keeper?.stop();
+    const id = held.message.id;
+    try {
+      await queueCall(
+        () => this.deps.queue.release(id, held.reservationId, delaySeconds),
+        this.deps.clock,
+      );
+      this.deps.log.info(
+        `message ${id}: released for a retry in ${delaySeconds} s (${why})`,
+      );
+    } catch (e) {
+      this.deps.log.warn(
+        `message ${id}: release failed (${
+          errorText(e)
+        }); it returns to the queue when its reservation times out (${why})`,
+      );
+    }
+  }
+
+  /**
+   * Records the message in the dead-letter queue, then deletes it. A record
+   * too large for the queue (the body is escaped once more inside it) goes as
+   * two messages: the body verbatim, then the record naming it. If nothing can
+   * be recorded, the message is released and, its attempts used up, never runs
+   * again: the next reservation tries the record again.
+   */
+  private async recordDeadLetter(held: Held, failure: Failure): Promise<void> {
+    await held.keeper?.stop();
+    const { message } = held;
+    const { queue, clock, log } = this.deps;
+    const dlq = this.task.deadLetterQueue;
+    const record = {
+      queue: this.queueName,
+      id: message.id,
+      body: message.body as string | undefined,
+      body_message_id: undefined as string | undefined,
+      attempts: held.attempt,
+      reason: failure.reason,
+      exit_status: failure.exitStatus,
+      stderr_tail: failure.stderrTail === undefined
+        ? undefined
+        : this.deps.secrets?.mask(failure.stderrTail) ?? failure.stderrTail,
+      failed_at: new Date(clock.now()).toISOString(),
+    };
+    let where = dlq;
+    try {
+      try {
+        await queueCall(() => queue.post(dlq, [JSON.stringify(record)]), clock);
+      } catch (e) {
+        if (!(e instanceof QueueError && e.status === 413)) throw e;
+        const [bodyId] = await queueCall(
+          () => queue.postVerbatim(dlq, message.body),
+          clock,
+        );
+        record.body = undefined;
+        record.body_message_id = bodyId;
+        await queueCall(() => queue.post(dlq, [JSON.stringify(record)]), clock);
+        where =
+          `${dlq} (too large for one message: its body verbatim as message ${bodyId}, then the record)`;
+      }
+    } catch (e) {
+      log.error(
+        `message ${message.id}: cannot record it in ${dlq} (${
+          errorText(e)
+        }); keeping it in ${this.queueName}, where it will not run again`,
+      );
+      return await this.release(
+        held,
+        Math.max(60, this.task.retryDelaySeconds),
+        "dead-letter queue unavailable",
+      );
+    }
+    log.error(
+      `message ${message.id}: moved to ${where} after ${held.attempt} attempt(s): ${failure.reason}`,
+    );
+    await this.deleteDone(held);
+  }
+}
+
+/** The release delay after `attempts` failed runs: the base, doubling each time, at most 15 minutes. */
+function releaseDelaySeconds(attempts: number, baseSeconds: number): number {
+  return backoffMs(attempts - 1, baseSeconds * 1000, 900_000, 1) / 1000;
+}
+
+type DeleteOutcome = "deleted" | "expired" | "gone" | "failed";
+
+/**
+ * Coalesces deletes: up to four batches in flight; while they are, the next
+ * deletes gather (up to 100 a batch, IronMQ's limit).
+ */
+class DeleteBatcher {
+  private pending: { item: DeleteItem; done: (o: DeleteOutcome) => void }[] =
+    [];
+  private readonly inFlight = new Set<Promise<void>>();
+
+  constructor(private readonly deps: WorkerDeps) {}
+
+  delete(item: DeleteItem): Promise<DeleteOutcome> {
+    return new Promise((done) => {
+      this.pending.push({ item, done });
+      this.pump();
+    });
+  }
+
+  async idle(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.all([...this.inFlight]);
+  }
+
+  private pump(): void {
+    while (this.inFlight.size < 4 && this.pending.length > 0) {
+      const batch = this.pending.splice(0, 100);
+      const flight: Promise<void> = this.deleteAll(batch.map((b) => b.item))
+        .then((outcomes) => batch.forEach((b, i) => b.done(outcomes[i])))
+        .finally(() => {
+          this.inFlight.delete(flight);
+          this.pump();
+        });
+      this.inFlight.add(flight);
+    }
+  }
+
+  private async deleteAll(items: DeleteItem[]): Promise<DeleteOutcome[]> {
+    try {
+      await queueCall(
+        () => this.deps.queue.deleteBatch(items),
+        this.deps.clock,
+      );
+      return items.map(() => "deleted");
+    } catch (e) {
+      // One bad reservation fails the whole batch: find out which, one by one.
+      if (items.length > 1 && e instanceof QueueError && !e.retryable) {
+        return await Promise.all(items.map((item) => this.deleteOne(item)));
+      }
+      return items.map(() => outcomeOf(e));
+    }
+  }
+
+  private async deleteOne(item: DeleteItem): Promise<DeleteOutcome> {
+    try {
+      await queueCall(
+        () => this.deps.queue.delete(item.id, item.reservation_id),
+        this.deps.clock,
+      );
+      return "deleted";
+    } catch (e) {
+      return outcomeOf(e);
+    }
+  }
+}
+
+function outcomeOf(e: unknown): DeleteOutcome {
+  if (e instanceof QueueError && e.status === 403) return "expired";
+  if (e instanceof QueueError && e.status === 404) return "gone";
+  return "failed";
+}
+
+/**
+ * Which run a reserved message is on. IronMQ's reserved_count counts every
+ * reservation and touch; this subtracts those this process knows were no run
+ * (touches, SSH failures, stops). An earlier process's are unknown, so it errs
+ * high. Bounded: messages that other workers finish are never forgotten here,
+ * so the oldest entries make room.
+ */
+class AttemptCounter {
+  private readonly notRuns = new Map<string, number>();
+  constructor(private readonly max = 10_000) {}
+
+  attemptOf(message: QueueMessage): number {
+    return Math.max(
+      1,
+      message.reserved_count - (this.notRuns.get(message.id) ?? 0),
+    );
+  }
+
+  notRun(id: string): void {
+    const count = (this.notRuns.get(id) ?? 0) + 1;
+    this.notRuns.delete(id); // re-inserted last: the newest
+    this.notRuns.set(id, count);
+    if (this.notRuns.size > this.max) {
+      this.notRuns.delete(this.notRuns.keys().next().value!);
+    }
+  }
+
+  forget(id: string): void {
+    this.notRuns.delete(id);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Fetching: long-polls in batches, prefetching what the round trip needs
+// ---------------------------------------------------------------------------
+
+/** At most this many reserves in flight, and messages held waiting. */
+const MAX_POLLS = 4;
+const MAX_PREFETCH = 1000;
+/** Bodies held waiting, in UTF-16 code units: a bound for memory. */
+const MAX_PREFETCH_CHARS = 32 * 1024 * 1024;
+
+/**
+ * Keeps reserved messages ready for the processors. It asks for what they
+ * take in two of the queue's round trips (at least one waiting for each),
+ * never more than they start within a quarter of the reservation timeout,
+ * with several reserves in flight while the queue has more. A message that
+ * waits is kept reserved by touching.
+ */
+class Fetcher {
+  private readonly ready: Held[] = [];
+  private readyChars = 0;
+  private readonly takers: ((held: Held | undefined) => void)[] = [];
+  /** Reserves in flight, and the messages they asked for. */
+  private polls = 0;
+  private asked = 0;
+  /** The last reply had fewer messages than asked: one long-poll is enough. */
+  private drained = true;
+  /** Reserve round trips that brought messages (ms), newest last. */
+  private readonly roundTrips: number[] = [];
+  /** When processors asked for messages (ms), newest last: their rate. */
+  private readonly takes: number[] = [];
+  /** Shrinks after a reply too large to read, grows back after good ones. */
+  private batch = 100;
+  private changed?: () => void;
+  private readonly outage: OutageLog;
+
+  constructor(
+    private readonly task: TaskConfig,
+    private readonly deps: WorkerDeps,
+    private readonly queueName: string,
+    private readonly attempts: AttemptCounter,
+    private readonly settler: Settler,
+    private readonly hardStop: AbortSignal,
+  ) {
+    this.outage = new OutageLog(`reserve from ${queueName}`, deps.log);
+  }
+
+  async ensureQueue(stop: AbortSignal): Promise<void> {
+    try {
+      if (await this.deps.queue.ensureQueue(stop)) {
+        this.deps.log.info(
+          `queue ${this.queueName}: created (it did not exist yet)`,
+        );
+      }
+    } catch (e) {
+      if (!stop.aborted) {
+        this.deps.log.warn(`queue ${this.queueName}: ${errorText(e)}`);
+      }
+    }
+  }
+
+  /** Reserves until `stop`, then releases what it still holds. */
+  async run(stop: AbortSignal): Promise<void> {
+    const onStop = () => {
+      for (const take of this.takers.splice(0)) take(undefined);
+      this.changed?.();
+    };
+    stop.addEventListener("abort", onStop, { once: true });
+    const polls = new Set<Promise<void>>();
+    while (!stop.aborted) {
+      const want = this.wanted();
+      if (
+        want > 0 &&
+        (this.polls === 0 || !this.drained && this.polls < MAX_POLLS)
+      ) {
+        try {
+          await this.deps.runner.ready(stop); // no reserving while SSH is down
+        } catch {
+          break; // stopped
+        }
+        const poll: Promise<void> = this.poll(Math.min(this.batch, want), stop)
+          .finally(() => polls.delete(poll));
+        polls.add(poll);
+        continue;
+      }
+      await new Promise<void>((resolve) => this.changed = resolve);
+      this.changed = undefined;
+    }
+    stop.removeEventListener("abort", onStop);
+    if (polls.size > 0) {
+      this.deps.log.info(
+        `stopping: waiting up to ${this.task.pollWaitSeconds} s for the queue's long-poll to return (TASK_POLL_WAIT), so that no message is left reserved`,
+      );
+    }
+    await Promise.all(polls);
+    for (const held of this.ready.splice(0)) {
+      this.settler.notRun(held, 0, "shutting down before it started");
+    }
+  }
+
+  /** The next message for a processor; undefined once stopping. */
+  take(stop: AbortSignal): Promise<Held | undefined> {
+    this.takes.push(this.deps.clock.now());
+    if (this.takes.length > 64) this.takes.shift();
+    const held = this.ready.shift();
+    if (held !== undefined) this.readyChars -= held.message.body.length;
+    this.changed?.();
+    if (held !== undefined || stop.aborted) return Promise.resolve(held);
+    return new Promise((resolve) => this.takers.push(resolve));
+  }
+
+  /** How many more messages to ask for now. */
+  private wanted(): number {
+    if (this.readyChars >= MAX_PREFETCH_CHARS) return 0;
+    const concurrency = this.task.concurrency;
+    const perMs = this.takeRate();
+    const forRoundTrips = concurrency + Math.ceil(2 * perMs * this.roundTrip());
+    const withinReservation = Math.floor(
+      perMs * this.task.reservationTimeoutSeconds * 250,
+    );
+    const target = Math.min(
+      MAX_PREFETCH,
+      Math.max(concurrency, Math.min(forRoundTrips, withinReservation)),
+    );
+    return target - this.ready.length - this.asked;
+  }
+
+  /** Messages the processors take per ms, over their last 64 takes. */
+  private takeRate(): number {
+    const span = this.takes[this.takes.length - 1] - this.takes[0];
+    return this.takes.length > 1 && span > 0
+      ? (this.takes.length - 1) / span
+      : 0;
+  }
+
+  /** The shortest recent round trip: a reply that waited for messages is no measure of distance. */
+  private roundTrip(): number {
+    return this.roundTrips.length > 0 ? Math.min(...this.roundTrips) : 0;
+  }
+
+  private async poll(n: number, stop: AbortSignal): Promise<void> {
+    this.polls++;
+    this.asked += n;
+    try {
+      const messages = await this.reserve(n, stop);
+      this.drained = messages.length < n;
+      for (const message of messages) this.accept(message, stop);
+    } finally {
+      this.polls--;
+      this.asked -= n;
+      this.changed?.();
+    }
+  }
+
+  /** One reserve, retried with backoff until it answers or `stop` aborts. */
+  private async reserve(n: number, stop: AbortSignal): Promise<QueueMessage[]> {
+    const { clock, queue } = this.deps;
+    const wait = this.task.pollWaitSeconds;
+    try {
+      const messages = await retry(async () => {
+        const started = clock.now();
+        try {
+          // Only a hard stop cuts a poll: one cut off mid-flight can leave its
+          // messages reserved by nobody until they time out.
+          const messages = await queue.reserve(
+            n,
+            this.task.reservationTimeoutSeconds,
+            wait,
+            this.hardStop,
+          );
+          const took = clock.now() - started;
+          if (messages.length > 0) {
+            this.roundTrips.push(took);
+            if (this.roundTrips.length > 8) this.roundTrips.shift();
+          }
+          this.batch = Math.min(100, this.batch * 2);
+          // An empty answer sooner than the long-poll allows (wait 0, or a
+          // server that ignores it) must not make this loop spin.
+          if (messages.length === 0 && took < wait * 500 + 50) {
+            await clock.sleep(1000, stop);
+          }
+          return messages;
+        } catch (e) {
+          this.drained = true; // one poll at a time until the queue answers
+          if (e instanceof QueueError && e.status === 404) {
+            await this.ensureQueue(stop);
+          }
+          if (e instanceof ReplyTooLarge) this.batch = 1;
+          throw e;
+        }
+      }, {
+        minDelayMs: 250,
+        maxDelayMs: 30_000,
+        maxAttempts: Infinity,
+        signal: stop,
+        clock,
+        onRetry: (e, _, delayMs) => this.outage.failed(e, delayMs),
+      });
+      this.outage.recovered();
+      return messages;
+    } catch (e) {
+      if (stop.aborted) return [];
+      throw e;
+    }
+  }
+
+  /** A reserved message goes to a waiting processor, or waits (kept reserved) for one. */
+  private accept(message: QueueMessage, stop: AbortSignal): void {
+    const held: Held = {
+      message,
+      reservationId: message.reservation_id,
+      attempt: this.attempts.attemptOf(message),
+    };
+    if (stop.aborted) {
+      return this.settler.notRun(held, 0, "shutting down before it started");
+    }
+    held.keeper = new Keeper(held, this.task, this.deps, this.attempts);
+    const taker = this.takers.shift();
+    if (taker !== undefined) return taker(held);
+    this.ready.push(held);
+    this.readyChars += message.body.length;
+  }
+}
+
+/** Touches a held message at half its reservation timeout, so a long wait or run keeps it. */
+class Keeper {
+  private readonly timer: ReturnType<typeof setInterval>;
+  private touching?: Promise<void>;
+
+  constructor(
+    private readonly held: Held,
+    private readonly task: TaskConfig,
+    private readonly deps: WorkerDeps,
+    private readonly attempts: AttemptCounter,
+  ) {
+    this.timer = setInterval(() => {
+      this.touching ??= this.touch().finally(() => this.touching = undefined);
+    }, deps.touchIntervalMs ?? task.reservationTimeoutSeconds * 500);
+  }
+
+  /** Stops touching; resolves once a touch under way has landed, so the reservation id is current. */
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    await this.touching;
+  }
+
+  private async touch(): Promise<void> {
+    const { message } = this.held;
+    try {
+      this.held.reservationId = await queueCall(
+        () =>
+          this.deps.queue.touch(
+            message.id,
+            this.held.reservationId,
+            this.task.reservationTimeoutSeconds,
+          ),
+        this.deps.clock,
+        3,
+      );
+      this.attempts.notRun(message.id); // IronMQ counts a touch as a reservation
+      this.deps.log.debug(`message ${message.id}: reservation extended`);
+    } catch (e) {
+      this.deps.log.warn(
+        `message ${message.id}: could not extend its reservation (${
+          errorText(e)
+        }); another worker may run it too`,
+      );
+    }
+  }
+}
+
+/**
+ * Logs an outage as a warning with the time of the next try, as an error once
+ * it lasts 30 s and then once a minute, and its end.
+ */
+class OutageLog {
+  private since?: number;
+  private lastLogged = 0;
+  private tries = 0;
+  constructor(
+    private readonly what: string,
+    private readonly log: Log,
+    /** The first failure's level: "warn" for what is often a blip. */
+    private readonly firstLevel: "warn" | "error" = "warn",
+  ) {}
+
+  failed(e: unknown, nextInMs: number): void {
+    const now = Date.now();
+    const next = `next attempt in ${
+      Math.max(1, Math.round(nextInMs / 1000))
+    } s`;
+    this.tries++;
+    if (this.since === undefined) {
+      this.since = now;
+      this.lastLogged = now;
+      this.log[this.firstLevel](`${this.what}: ${errorText(e)}; ${next}`);
+    } else if (
+      now - this.since >= 30_000 &&
+      (now - this.lastLogged >= 60_000 || this.lastLogged === this.since)
+    ) {
+      this.lastLogged = now;
+      this.log.error(
+        `${this.what}: still failing after ${
+          Math.round((now - this.since) / 1000)
+        } s and ${this.tries} tries: ${errorText(e)}; ${next}`,
+      );
+    }
+  }
+
+  recovered(): void {
+    if (this.since === undefined) return;
+    this.log.info(
+      `${this.what}: working again after ${
+        Math.round((Date.now() - this.since) / 1000)
+      } s and ${this.tries} failed tries`,
+    );
+    this.since = undefined;
+    this.tries = 0;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Retries and time
+// ---------------------------------------------------------------------------
+
+export interface Clock {
+  now(): number;
+  sleep(ms: number, signal?: AbortSignal): Promise<void>;
+}
+
+export const realClock: Clock = {
+  now: () => Date.now(),
+  sleep: (ms, signal) =>
+    new Promise((resolve) => {
+      if (signal?.aborted) return resolve();
+      const done = () => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      signal?.addEventListener("abort", done, { once: true });
+    }),
+};
+
+export interface RetryOptions {
+  /** The first wait, in ms; each later one doubles, up to `maxDelayMs`. */
+  minDelayMs: number;
+  maxDelayMs: number;
+  /** Tries in all, the first included; Infinity tries until `signal` aborts. */
+  maxAttempts: number;
+  /** Whether an error may pass with time; default: every error. */
+  retryable?: (e: unknown) => boolean;
+  /** Told of each failure that will be tried again, and the wait before it. */
+  onRetry?: (e: unknown, attempt: number, delayMs: number) => void;
+  /** Ends the waiting: the retry rejects with the signal's reason. */
+  signal?: AbortSignal;
+  clock?: Clock;
+}
+
+/**
+ * Calls `fn` until it succeeds, waiting a capped exponential backoff with
+ * jitter between tries. The last error is thrown when tries run out or an
+ * error is not retryable.
+ */
+export async function retry<T>(
+  fn: () => Promise<T>,
+  options: RetryOptions,
+): Promise<T> {
+  const { minDelayMs, maxDelayMs, maxAttempts, signal } = options;
+  if (!(Number.isFinite(minDelayMs) && minDelayMs >= 0)) {
+    throw new RangeError(
+      `retry: minDelayMs must be a number of ms from 0 up, not ${minDelayMs}`,
+    );
+  }
+  if (!(maxDelayMs >= minDelayMs)) {
+    throw new RangeError(
+      `retry: maxDelayMs must be at least minDelayMs (${minDelayMs}), not ${maxDelayMs}`,
+    );
+  }
+  if (
+    !(maxAttempts === Infinity || Number.isInteger(maxAttempts) &&
+        maxAttempts >= 1)
+  ) {
+    throw new RangeError(
+      `retry: maxAttempts must be a whole number from 1 up, or Infinity, not ${maxAttempts}`,
+    );
+  }
+  const clock = options.clock ?? realClock;
+  for (let attempt = 1;; attempt++) {
+    signal?.throwIfAborted();
+    try {
+      return await fn();
+    } catch (e) {
+      const retryable = options.retryable?.(e) ?? true;
+      if (attempt >= maxAttempts || !retryable || signal?.aborted) throw e;
+      const delayMs = backoffMs(
+        attempt - 1,
+        minDelayMs,
+        maxDelayMs,
+        Math.random(),
+      );
+      options.onRetry?.(e, attempt, delayMs);
+      await clock.sleep(delayMs, signal);
+    }
+  }
+}
+
+/** A queue call retried while its failure may pass (5xx, 408, 429, network): 6 tries, about 10 s. */
+function queueCall<T>(
+  call: () => Promise<T>,
+  clock: Clock,
+  maxAttempts = 6,
+): Promise<T> {
+  return retry(call, {
+    minDelayMs: 200,
+    maxDelayMs: 5_000,
+    maxAttempts,
+    retryable: (e) => e instanceof QueueError && e.retryable,
+    clock,
+  });
+}
+
+/**
+ * Capped exponential backoff: `baseMs` doubled `attempt` times, at most
+ * `capMs`; `random` in [0, 1] picks a point in its upper half (1: the top).
+ */
+export function backoffMs(
+  attempt: number,
+  baseMs: number,
+  capMs: number,
+  random: number,
+): number {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
+  return Math.round(ceiling / 2 + random * ceiling / 2);
+}
+
+/** Resolves when `work` settles or `signal` aborts, leaving no listener behind. */
+function settledOrAborted(
+  work: Promise<unknown>,
+  signal: AbortSignal,
+): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    if (signal.aborted) return resolve();
+    signal.addEventListener("abort", done, { once: true });
+    work.then(done, done);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Messages: what a body asks for, and how its arguments are quoted
+// ---------------------------------------------------------------------------
+
+/** sshd passes the command to `sh -c` as one argument: stay under Linux's 128 KiB limit. */
+export const MAX_COMMAND_BYTES = 100_000;
+
+export type CommandPlan =
+  | { ok: true; command: string; args: string[] }
+  | { ok: false; reason: string };
+
+/** Quotes one argument for a POSIX shell: the shell receives exactly `arg`. */
+export function shellQuote(arg: string): string {
+  if (/^[A-Za-z0-9_@%+=:,./-]+$/.test(arg)) return arg;
+  return `'${arg.replaceAll("'", `'\\''`)}'`;
+}
+
+/**
+ * A body that starts like JSON (`{` or `[`, after white space or a byte order
+ * mark) must be `{"args": [strings]}`; any other body runs the configured
+ * command as it is. A malformed one runs nothing: taking it as plain text
+ * would drop the arguments its sender asked for (a `--dry-run`, say).
+ */
+export function planCommand(baseCommand: string, body: string): CommandPlan {
+  const args = parseArgs(body);
+  if (!Array.isArray(args)) return { ok: false, reason: args.reason };
+  const command = [baseCommand, ...args.map(shellQuote)].join(" ");
+  const bytes = new TextEncoder().encode(command).length;
+  if (bytes > MAX_COMMAND_BYTES) {
+    return {
+      ok: false,
+      reason:
+        `the command with its args is ${bytes} bytes, over the ${MAX_COMMAND_BYTES}-byte limit`,
+    };
+  }
+  return { ok: true, command, args };
+}
+
+function parseArgs(body: string): string[] | { reason: string } {
+  const text = body.replace(/^\uFEFF/, "").trim();
+  if (!text.startsWith("{") && !text.startsWith("[")) return [];
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (e) {
+    return {
+      reason: `the body starts like JSON but is not valid JSON (${
+        errorText(e)
+      }): send {"args": ["..."]}, or a body that does not start with { or [`,
+    };
+  }
+  if (!isRecord(parsed)) {
+    return { reason: `a JSON body must be an object: {"args": ["..."]}` };
+  }
+  const extra = Object.keys(parsed).filter((k) => k !== "args");
+  if (extra.length > 0) {
+    return {
+      reason: `unknown field(s) ${
+        extra.map((k) => JSON.stringify(k)).join(", ")
+      } in a JSON body: only "args" is allowed`,
+    };
+  }
+  const args = parsed.args;
+  if (!Array.isArray(args)) {
+    return { reason: `"args" must be an array of strings` };
+  }
+  for (const [i, arg] of args.entries()) {
+    if (typeof arg !== "string") {
+      return { reason: `"args"[${i}] is ${typeof arg}, not a string` };
+    }
+    if (arg.includes("\0")) {
+      return {
+        reason: `"args"[${i}] contains a NUL byte, which no shell can pass`,
+      };
+    }
+    if (!arg.isWellFormed()) {
+      return {
+        reason: `"args"[${i}] is not well-formed Unicode (lone surrogate)`,
+      };
+    }
+  }
+  return args;
+}
+
+// ---------------------------------------------------------------------------
+// Logging: one event a line on stdout, never blocking; svlogd adds the time
+// ---------------------------------------------------------------------------
+
+export interface Log {
+  debug(text: string): void;
+  info(text: string): void;
+  warn(text: string): void;
+  error(text: string): void;
+}
+
+const LEVEL_PREFIX: Record<string, string> = {
+  trace: "DEBUG ",
+  debug: "DEBUG ",
+  info: "",
+  warning: "WARN ",
+  error: "ERROR ",
+  fatal: "FATAL ",
+};
+
+/** The values never to show (tokens, passphrases): masked wherever they appear. */
+export class Secrets {
+  private readonly values: string[];
+  /** The longest value's length: a cut closer than this to the end may split one. */
+  readonly longest: number;
+
+  constructor(values: (string | undefined)[]) {
+    this.values = values
+      .filter((v): v is string => v !== undefined && v.length >= 4)
+      .sort((a, b) => b.length - a.length);
+    this.longest = Math.max(0, ...this.values.map((v) => v.length));
+  }
+
+  mask(text: string): string {
+    for (const value of this.values) {
+      text = text.replaceAll(value, "[redacted]");
+    }
+    return text;
+  }
+}
+
+/**
+ * Characters that would let remote output or a message forge or hide log
+ * lines: C0 and C1 controls (a tab aside), line and paragraph separators,
+ * and bidirectional overrides.
+ */
+const UNSAFE_CHARACTERS =
+  // deno-lint-ignore no-control-regex -- matching control characters is the point
+  /[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+function escapeControls(text: string): string {
+  return text.replace(UNSAFE_CHARACTERS, (c) => {
+    if (c === "\n") return "\\n";
+    if (c === "\r") return "\\r";
+    const code = c.charCodeAt(0);
+    return code < 0x100
+      ? `\\x${code.toString(16).padStart(2, "0")}`
+      : `\\u${code.toString(16).padStart(4, "0")}`;
+  });
+}
+
+/** Formats a record as one line: secrets masked, control characters made visible. */
+export function formatRecord(record: LogRecord, secrets: Secrets): string {
+  const text = record.message.map((part) =>
+    typeof part === "string" ? part : JSON.stringify(part)
+  ).join("");
+  return `${LEVEL_PREFIX[record.level] ?? ""}${
+    escapeControls(secrets.mask(text))
+  }`;
+}
+
+/**
+ * Log lines to stdout that never block the worker: they queue in a bounded
+ * buffer that one write at a time drains. When the reader stops reading
+ * (svlogd on a full disk), lines past the bound are dropped and counted, and
+ * the count is logged once writing works again. A blocking write would stop
+ * everything: touches (so a running message goes to another worker) and
+ * signals (so runit could not stop the worker).
+ */
+export class StdoutLines {
+  private queued: Uint8Array[] = [];
+  private queuedBytes = 0;
+  private dropped = 0;
+  private writing?: Promise<void>;
+  private readonly encoder = new TextEncoder();
+
+  constructor(private readonly maxBytes = 1024 * 1024) {}
+
+  readonly write = (line: string): void => {
+    const bytes = this.encoder.encode(line + "\n");
+    if (this.queuedBytes + bytes.length > this.maxBytes) {
+      this.dropped++;
+      return;
+    }
+    this.queued.push(bytes);
+    this.queuedBytes += bytes.length;
+    this.writing ??= this.drain().finally(() => this.writing = undefined);
+  };
+
+  /** Waits for the queued lines to be written, at most `timeoutMs`. */
+  async flush(timeoutMs = 2_000): Promise<void> {
+    const gaveUp = new AbortController();
+    await Promise.race([
+      this.writing,
+      realClock.sleep(timeoutMs, gaveUp.signal),
+    ]);
+    gaveUp.abort();
+  }
+
+  private async drain(): Promise<void> {
+    while (this.queued.length > 0) {
+      if (this.dropped > 0) {
+        this.queued.unshift(this.encoder.encode(
+          `WARN log: ${this.dropped} line(s) dropped: stdout was not being read\n`,
+        ));
+        this.dropped = 0;
+      }
+      const batch = Buffer.concat(this.queued.splice(0));
+      try {
+        for (let written = 0; written < batch.length;) {
+          written += await Deno.stdout.write(batch.subarray(written));
+        }
+      } catch {
+        // stdout is gone (a broken pipe): nobody is left to tell.
+      }
+      this.queuedBytes -= batch.length;
+    }
+  }
+}
+
+/** Sets up LogTape to write formatted lines; returns the worker's logger. */
+export async function setupLogging(
+  write: (line: string) => void,
+  level: LogLevelName,
+  secrets: Secrets,
+): Promise<Log> {
+  await configure({
+    reset: true,
+    sinks: { lines: (record) => write(formatRecord(record, secrets)) },
+    loggers: [
+      { category: ["tasks"], lowestLevel: level, sinks: ["lines"] },
+      {
+        category: ["logtape", "meta"],
+        lowestLevel: "warning",
+        sinks: ["lines"],
+      },
+    ],
+  });
+  const logger = getLogger(["tasks"]);
+  // Tagged templates keep braces in command output from being read as placeholders.
+  return {
+    debug: (text) => logger.debug`${text}`,
+    info: (text) => logger.info`${text}`,
+    warn: (text) => logger.warn`${text}`,
+    error: (text) => logger.error`${text}`,
+  };
+}
+
+/**
+ * Splits a byte stream into lines for the log. A very long line is cut into
+ * pieces, with secrets masked first, so that no cut splits one into halves
+ * that each escape the mask.
+ */
+export class LineSplitter {
+  private readonly decoder = new TextDecoder();
+  private partial = "";
+  constructor(
+    private readonly emit: (line: string) => void,
+    private readonly maxLine = 16_384,
+    private readonly secrets?: Secrets,
+  ) {}
+
+  push(chunk: Uint8Array): void {
+    this.take(this.decoder.decode(chunk, { stream: true }));
+  }
+
+  end(): void {
+    this.take(this.decoder.decode());
+    if (this.partial !== "") this.cut(this.partial);
+    this.partial = "";
+  }
+
+  private take(text: string): void {
+    const lines = (this.partial + text).split("\n");
+    this.partial = lines.pop() ?? "";
+    for (const line of lines) this.cut(line.replace(/\r$/, ""));
+    // An unfinished line is cut only where no secret can straddle the cut.
+    const hold = this.secrets?.longest ?? 0;
+    while (this.partial.length > this.maxLine + hold) {
+      this.partial = this.secrets?.mask(this.partial) ?? this.partial;
+      if (this.partial.length <= this.maxLine + hold) break;
+      this.emit(this.partial.slice(0, this.maxLine));
+      this.partial = this.partial.slice(this.maxLine);
+    }
+  }
+
+  private cut(line: string): void {
+    const masked = this.secrets?.mask(line) ?? line;
+    for (let at = 0; at === 0 || at < masked.length; at += this.maxLine) {
+      this.emit(masked.slice(at, at + this.maxLine));
+    }
+  }
+}
+
+/** The last few KiB of a stream, kept for the dead-letter record. */
+class Tail {
+  private text = "";
+  constructor(private readonly max = 2048) {}
+  add(line: string): void {
+    this.text = (this.text + line + "\n").slice(-this.max);
+  }
+  toString(): string {
+    return this.text;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Configuration: the environment (and iron.json) in, every problem named
 // ---------------------------------------------------------------------------
 
 export type HostKeyPolicy = "yes" | "accept-new";
@@ -433,203 +1806,131 @@ function readTextIfExists(path: string): string | undefined {
   }
 }
 
-// ---------------------------------------------------------------------------
-// Logging: one event a line on stdout; svlogd adds the timestamps.
-// ---------------------------------------------------------------------------
-
-export type LineSink = (line: string) => void;
-
-export interface Log {
-  debug(text: string): void;
-  info(text: string): void;
-  warn(text: string): void;
-  error(text: string): void;
+/** The curl line that posts a test message; a token is shown as $MQ_TOKEN, never its value. */
+export function curlExample(queue: QueueConfig): string {
+  const url =
+    `${queue.baseUrl}/3/projects/${queue.projectId}/queues/${queue.queueName}/messages`;
+  const auth = queue.token === undefined
+    ? ""
+    : ` -H "Authorization: OAuth $MQ_TOKEN"`;
+  return `curl -sS -X POST -H 'Content-Type: application/json'${auth} -d '{"messages":[{"body":"hello world!"}]}' ${url}`;
 }
 
-const LEVEL_PREFIX: Record<string, string> = {
-  trace: "DEBUG ",
-  debug: "DEBUG ",
-  info: "",
-  warning: "WARN ",
-  error: "ERROR ",
-  fatal: "FATAL ",
-};
-
-/** Formats a record as one line; secrets are masked even if they slip in. */
-export function formatRecord(record: LogRecord, secrets: string[]): string {
-  const text = maskSecrets(
-    record.message.map((part) =>
-      typeof part === "string" ? part : JSON.stringify(part)
-    ).join(""),
-    secrets,
-  );
-  return `${LEVEL_PREFIX[record.level] ?? ""}${
-    text.replaceAll(/\r?\n/g, "\\n")
-  }`;
-}
-
-export function maskSecrets(text: string, secrets: string[]): string {
-  for (const secret of secrets) {
-    if (secret.length >= 4) text = text.replaceAll(secret, "[redacted]");
+/** HOME and the user name from the environment, else from the system (chpst sets neither). */
+function configContext(env: Env): ConfigContext {
+  let account: { username: string; homedir: string } | undefined;
+  const system = () => (account ??= userInfo());
+  let home: string;
+  let user: string;
+  try {
+    home = env.HOME ?? system().homedir;
+    user = env.USER ?? env.LOGNAME ?? system().username;
+  } catch (e) {
+    throw new ConfigError([
+      `HOME/USER: not set and the system's account cannot be read (${
+        errorText(e)
+      }): set HOME and USER (or SSH_USER)`,
+    ]);
   }
-  return text;
-}
-
-export function stdoutSink(): LineSink {
-  const encoder = new TextEncoder();
-  return (line) => {
-    const bytes = encoder.encode(line + "\n");
-    let written = 0;
-    while (written < bytes.length) {
-      written += Deno.stdout.writeSync(bytes.subarray(written));
-    }
-  };
-}
-
-/** Sets up LogTape with a line sink; returns the worker's logger. */
-export async function setupLogging(
-  sink: LineSink,
-  level: LogLevelName,
-  secrets: string[],
-): Promise<Log> {
-  await configure({
-    reset: true,
-    sinks: { lines: (record) => sink(formatRecord(record, secrets)) },
-    loggers: [
-      { category: ["tasks"], lowestLevel: level, sinks: ["lines"] },
-      {
-        category: ["logtape", "meta"],
-        lowestLevel: "warning",
-        sinks: ["lines"],
-      },
-    ],
-  });
-  const logger = getLogger(["tasks"]);
-  // Tagged templates keep braces in command output from being read as placeholders.
   return {
-    debug: (text) => logger.debug`${text}`,
-    info: (text) => logger.info`${text}`,
-    warn: (text) => logger.warn`${text}`,
-    error: (text) => logger.error`${text}`,
+    home,
+    user,
+    ironJsonFiles: readIronJsonFiles(Deno.cwd(), home),
+    exists: (path) => {
+      try {
+        return Deno.statSync(path).isFile;
+      } catch {
+        return false;
+      }
+    },
+    readKey: (path) => Deno.readFileSync(path),
+    isSocket: (path) => {
+      try {
+        return Deno.statSync(path).isSocket === true;
+      } catch {
+        return false;
+      }
+    },
   };
-}
-
-// ---------------------------------------------------------------------------
-// Messages: what a body asks for, and how its arguments are quoted
-// ---------------------------------------------------------------------------
-
-/** sshd passes the command to `sh -c` as one argument: stay under Linux's 128 KiB limit. */
-export const MAX_COMMAND_BYTES = 100_000;
-
-export type CommandPlan =
-  | { ok: true; command: string; args: string[] }
-  | { ok: false; reason: string };
-
-/** Quotes one argument for a POSIX shell: the shell receives exactly `arg`. */
-export function shellQuote(arg: string): string {
-  if (/^[A-Za-z0-9_@%+=:,./-]+$/.test(arg)) return arg;
-  return `'${arg.replaceAll("'", `'\\''`)}'`;
 }
 
 /**
- * A JSON object body must be `{"args": [strings]}`; any other body (plain text,
- * other JSON values) runs the configured command as it is.
+ * Deno flags granting the worker only what this configuration needs: the queue
+ * and SSH addresses, the key, known_hosts, iron.json and the embedded database.
  */
-export function planCommand(baseCommand: string, body: string): CommandPlan {
-  const args = parseArgs(body);
-  if (!Array.isArray(args)) return { ok: false, reason: args.reason };
-  const command = [baseCommand, ...args.map(shellQuote)].join(" ");
-  const bytes = new TextEncoder().encode(command).length;
-  if (bytes > MAX_COMMAND_BYTES) {
-    return {
-      ok: false,
-      reason:
-        `the command with its args is ${bytes} bytes, over the ${MAX_COMMAND_BYTES}-byte limit`,
-    };
+export function permissionFlags(
+  config: Config,
+  configPaths: string[],
+  needsUserInfo: boolean,
+): string[] {
+  const net = new Set<string>();
+  const read = new Set<string>(configPaths);
+  const write = new Set<string>();
+  if (config.embedded) {
+    const host = bracketIPv6(config.embedded.hostname ?? "127.0.0.1");
+    const port = config.embedded.port ?? 8080;
+    net.add(port === 0 ? host : `${host}:${port}`);
+    const db = config.embedded.dbPath ?? "ironmq.sqlite";
+    if (db !== ":memory:") {
+      for (const suffix of ["", "-wal", "-shm", "-journal"]) {
+        read.add(db + suffix);
+        write.add(db + suffix);
+      }
+    }
+  } else {
+    const url = new URL(config.queue.baseUrl);
+    net.add(
+      `${url.hostname}:${url.port || (url.protocol === "https:" ? 443 : 80)}`,
+    );
   }
-  return { ok: true, command, args };
+  net.add(`${bracketIPv6(config.ssh.host)}:${config.ssh.port}`);
+  read.add(config.ssh.knownHostsFile);
+  if (config.ssh.strictHostKeyChecking === "accept-new") {
+    write.add(config.ssh.knownHostsFile);
+  }
+  if (config.ssh.keyFile !== undefined) read.add(config.ssh.keyFile);
+  if (config.ssh.agentSocket !== undefined) {
+    net.add(`unix:${config.ssh.agentSocket}`);
+    read.add(config.ssh.agentSocket);
+    write.add(config.ssh.agentSocket);
+  }
+  const unusable = [...net, ...read, ...write].filter((p) => /[\s,]/.test(p));
+  if (unusable.length > 0) {
+    throw new ConfigError(
+      unusable.map((p) =>
+        `${
+          JSON.stringify(p)
+        }: a path or host with a space or comma cannot be granted to Deno; move or rename it`
+      ),
+    );
+  }
+  const flags = [
+    "--allow-env",
+    `--allow-net=${[...net].join(",")}`,
+    `--allow-read=${[...read].join(",")}`,
+  ];
+  if (write.size > 0) flags.push(`--allow-write=${[...write].join(",")}`);
+  if (needsUserInfo) flags.push("--allow-sys=uid,gid,userInfo");
+  return flags;
 }
 
-function parseArgs(body: string): string[] | { reason: string } {
-  if (!body.trimStart().startsWith("{")) return [];
-  let parsed: unknown;
+/** `tasks.ts --permissions`: print the flags for `deno run` (see ./start). */
+function printPermissions(env: Env): number {
   try {
-    parsed = JSON.parse(body);
-  } catch {
-    return []; // Text that merely starts with "{" is plain text.
+    const context = configContext(env);
+    const config = parseConfig(env, context);
+    const flags = permissionFlags(
+      config,
+      ironJsonPaths(Deno.cwd(), context.home),
+      env.USER === undefined && env.LOGNAME === undefined ||
+        env.HOME === undefined,
+    );
+    console.log(flags.join(" "));
+    return 0;
+  } catch (e) {
+    console.error(`FATAL ${errorText(e).replaceAll("\n", "\n  ")}`);
+    return 2;
   }
-  if (!isRecord(parsed)) return [];
-  const extra = Object.keys(parsed).filter((k) => k !== "args");
-  if (extra.length > 0) {
-    return {
-      reason: `unknown field(s) ${
-        extra.map((k) => JSON.stringify(k)).join(", ")
-      } in a JSON body: only "args" is allowed`,
-    };
-  }
-  const args = parsed.args;
-  if (!Array.isArray(args)) {
-    return { reason: `"args" must be an array of strings` };
-  }
-  for (const [i, arg] of args.entries()) {
-    if (typeof arg !== "string") {
-      return { reason: `"args"[${i}] is ${typeof arg}, not a string` };
-    }
-    if (arg.includes("\0")) {
-      return {
-        reason: `"args"[${i}] contains a NUL byte, which no shell can pass`,
-      };
-    }
-    if (!arg.isWellFormed()) {
-      return {
-        reason: `"args"[${i}] is not well-formed Unicode (lone surrogate)`,
-      };
-    }
-  }
-  return args;
-}
-
-// ---------------------------------------------------------------------------
-// Time, backoff and retries
-// ---------------------------------------------------------------------------
-
-export interface Clock {
-  now(): number;
-  sleep(ms: number, signal?: AbortSignal): Promise<void>;
-}
-
-export const realClock: Clock = {
-  now: () => Date.now(),
-  sleep: (ms, signal) =>
-    new Promise((resolve) => {
-      if (signal?.aborted) return resolve();
-      const done = () => {
-        clearTimeout(timer);
-        signal?.removeEventListener("abort", done);
-        resolve();
-      };
-      const timer = setTimeout(done, ms);
-      signal?.addEventListener("abort", done, { once: true });
-    }),
-};
-
-/** Capped exponential backoff with full jitter; `random` is in [0, 1). */
-export function backoffMs(
-  attempt: number,
-  baseMs: number,
-  capMs: number,
-  random: number,
-): number {
-  const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
-  return Math.round(ceiling / 2 + random * ceiling / 2);
-}
-
-/** The release delay after `attempts` failed runs: doubles each time, at most 15 minutes. */
-export function retryDelaySeconds(
-  attempts: number,
-  baseSeconds: number,
-): number {
-  return Math.min(900, baseSeconds * 2 ** Math.max(0, attempts - 1));
 }
 
 // ---------------------------------------------------------------------------
@@ -654,7 +1955,16 @@ export class QueueError extends Error {
   }
 }
 
-export type Fetch = typeof fetch;
+/** A reply over its size limit: read no further (a broken or hostile server). */
+export class ReplyTooLarge extends QueueError {}
+
+/**
+ * Replies are read up to a limit, so a broken or hostile server cannot take
+ * the worker's memory. A reserve's reply holds up to 100 messages of up to
+ * 256 KiB each, escaped; after one too large the fetcher asks for one at a time.
+ */
+const MAX_RESERVE_REPLY_BYTES = 16 * 1024 * 1024;
+const MAX_REPLY_BYTES = 1024 * 1024;
 
 export interface DeleteItem {
   id: string;
@@ -663,25 +1973,18 @@ export interface DeleteItem {
 
 /** The IronMQ v3 calls the worker makes. Errors are QueueErrors that say whether a retry may help. */
 export class IronMqClient {
-  constructor(
-    private readonly config: QueueConfig,
-    private readonly fetchFn: Fetch = fetch,
-  ) {}
+  constructor(private readonly config: QueueConfig) {}
 
   /** Creates the queue if it does not exist yet, so the first reserve finds it; true if it did. */
   async ensureQueue(signal?: AbortSignal): Promise<boolean> {
     try {
-      await this.call("GET", `/queues/${this.queue()}`, undefined, 0, signal);
+      await this.call("GET", `/queues/${this.queue()}`, undefined, { signal });
       return false;
     } catch (e) {
       if (!(e instanceof QueueError) || e.status !== 404) throw e;
-      await this.call(
-        "PUT",
-        `/queues/${this.queue()}`,
-        { queue: {} },
-        0,
+      await this.call("PUT", `/queues/${this.queue()}`, { queue: {} }, {
         signal,
-      );
+      });
       return true;
     }
   }
@@ -696,8 +1999,7 @@ export class IronMqClient {
       "POST",
       `/queues/${this.queue()}/reservations`,
       { n, timeout: timeoutSeconds, wait: waitSeconds },
-      waitSeconds,
-      signal,
+      { waitSeconds, signal, maxReplyBytes: MAX_RESERVE_REPLY_BYTES },
     ).then((reply) => parseReserved(reply.messages));
   }
 
@@ -750,16 +2052,30 @@ export class IronMqClient {
     return Array.isArray(reply.ids) ? reply.ids.map(String) : [];
   }
 
+  /** Posts one message whose body is `body` byte for byte (IronMQ's webhook: no JSON escaping). */
+  async postVerbatim(queue: string, body: string): Promise<string[]> {
+    const reply = await this.call<{ ids?: unknown }>(
+      "POST",
+      `/queues/${encodeURIComponent(queue)}/webhook`,
+      body,
+    );
+    return Array.isArray(reply.ids) ? reply.ids.map(String) : [];
+  }
+
   private queue(): string {
     return encodeURIComponent(this.config.queueName);
   }
 
+  /** One request; a string body is sent as it is, anything else as JSON. */
   private async call<T>(
     method: string,
     path: string,
     body: unknown,
-    waitSeconds = 0,
-    signal?: AbortSignal,
+    { waitSeconds = 0, signal, maxReplyBytes = MAX_REPLY_BYTES }: {
+      waitSeconds?: number;
+      signal?: AbortSignal;
+      maxReplyBytes?: number;
+    } = {},
   ): Promise<T> {
     const url =
       `${this.config.baseUrl}/3/projects/${this.config.projectId}${path}`;
@@ -767,7 +2083,9 @@ export class IronMqClient {
       path.replace(/^\//, "")
     }`;
     const headers: Record<string, string> = {
-      "Content-Type": "application/json",
+      "Content-Type": typeof body === "string"
+        ? "text/plain; charset=utf-8"
+        : "application/json",
       "Accept": "application/json",
     };
     if (this.config.token !== undefined) {
@@ -786,15 +2104,25 @@ export class IronMqClient {
     let response: Response;
     let text: string;
     try {
-      response = await this.fetchFn(url, {
+      response = await fetch(url, {
         method,
         headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
+        body: body === undefined || typeof body === "string"
+          ? body
+          : JSON.stringify(body),
         signal: timeout.signal,
       });
-      text = await response.text();
+      const bytes = await readAtMost(response.body, maxReplyBytes);
+      if (bytes === undefined) {
+        throw new ReplyTooLarge(
+          `${where}: HTTP ${response.status} with a reply over ${maxReplyBytes} bytes: not read (is IRON_HOST an IronMQ server?)`,
+          response.status,
+          true,
+        );
+      }
+      text = new TextDecoder().decode(bytes);
     } catch (e) {
-      if (signal?.aborted) throw e;
+      if (signal?.aborted || e instanceof ReplyTooLarge) throw e;
       throw new QueueError(`${where}: ${errorText(e)}`, undefined, true);
     } finally {
       clearTimeout(timer);
@@ -824,6 +2152,21 @@ export class IronMqClient {
       true,
     );
   }
+}
+
+/** A stream's bytes, or undefined (and the stream cancelled) past `maxBytes`. */
+async function readAtMost(
+  stream: ReadableStream<Uint8Array> | null,
+  maxBytes: number,
+): Promise<Uint8Array | undefined> {
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of stream ?? []) {
+    size += chunk.byteLength;
+    if (size > maxBytes) return undefined; // leaving the loop cancels the stream
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks, size);
 }
 
 function serverMessage(text: string): string {
@@ -859,6 +2202,19 @@ function parseReserved(value: unknown): QueueMessage[] {
     };
   });
 }
+
+/** The IronMQ calls the worker makes. */
+export type QueueApi = Pick<
+  IronMqClient,
+  | "ensureQueue"
+  | "reserve"
+  | "delete"
+  | "deleteBatch"
+  | "release"
+  | "touch"
+  | "post"
+  | "postVerbatim"
+>;
 
 // ---------------------------------------------------------------------------
 // known_hosts (OpenSSH format, hashed entries too)
@@ -1050,10 +2406,11 @@ export class SshPool implements CommandRunner {
   private readonly connections: Connection[] = [];
   private readonly maxConnections: number;
   private connecting?: Promise<Connection>;
+  private reconnecting?: Promise<void>;
   private readonly slotWaiters: (() => void)[] = [];
-  private failures = 0;
-  private lastError?: string;
-  private nextAttemptAt = 0;
+  /** After another connection failed to open, carry on with those open until then. */
+  private noMoreUntil = 0;
+  private readonly outage: OutageLog;
   private closed = false;
 
   constructor(
@@ -1061,30 +2418,33 @@ export class SshPool implements CommandRunner {
     private readonly credentials: SshCredentials,
     concurrency: number,
     private readonly log: Log,
-    private readonly clock: Clock = realClock,
   ) {
     this.maxConnections = Math.ceil(concurrency / ssh.channelsPerConnection);
+    this.outage = new OutageLog(
+      `ssh ${this.where}: cannot connect`,
+      log,
+      "error",
+    );
   }
 
   private get where(): string {
     return `${this.ssh.user}@${this.ssh.host}:${this.ssh.port}`;
   }
 
-  async ready(signal: AbortSignal): Promise<void> {
-    while (!signal.aborted) {
-      if (this.connections.some((c) => !c.closed)) return;
-      const wait = this.nextAttemptAt - this.clock.now();
-      if (wait > 0) {
-        await this.clock.sleep(wait, signal);
-        continue;
-      }
-      try {
-        await this.connect();
-      } catch {
-        // connect() logged it and set the backoff.
-      }
-    }
-    throw new DOMException("stopped", "AbortError");
+  /** Resolves once connected, trying with backoff until `signal` aborts. */
+  ready(signal: AbortSignal): Promise<void> {
+    if (this.connections.some((c) => !c.closed)) return Promise.resolve();
+    this.reconnecting ??= retry(() => this.connect(), {
+      minDelayMs: 500,
+      maxDelayMs: 30_000,
+      maxAttempts: Infinity,
+      retryable: () => !this.closed,
+      onRetry: (e, _, delayMs) => this.outage.failed(e, delayMs),
+      signal,
+    }).then(() => this.outage.recovered()).finally(() => {
+      this.reconnecting = undefined;
+    });
+    return this.reconnecting;
   }
 
   async run(command: string, io: RunIo): Promise<RunResult> {
@@ -1092,6 +2452,7 @@ export class SshPool implements CommandRunner {
     try {
       connection = await this.acquire();
     } catch (e) {
+      if (io.signal.aborted) return { kind: "aborted" };
       return { kind: "ssh-error", error: errorText(e) };
     }
     try {
@@ -1111,8 +2472,9 @@ export class SshPool implements CommandRunner {
 
   /**
    * Takes a channel slot on the least busy open connection, opening another
-   * connection when all are full. The slot is taken synchronously, so callers
-   * running at once never crowd one connection past its channel limit.
+   * when all are full (or the first, when none is open). The slot is
+   * taken synchronously, so callers running at once never crowd one
+   * connection past its channel limit.
    */
   private async acquire(): Promise<Connection> {
     for (;;) {
@@ -1125,14 +2487,24 @@ export class SshPool implements CommandRunner {
         free.active++;
         return free;
       }
-      const mayOpen = open.length === 0 ||
-        (open.length < this.maxConnections &&
-          this.clock.now() >= this.nextAttemptAt);
-      if (mayOpen) {
+      if (open.length === 0) {
+        // One try, not a wait: a message is released (not counted as an
+        // attempt) rather than held through an outage that ready() waits out.
+        await this.connect();
+        continue;
+      }
+      if (
+        open.length < this.maxConnections && Date.now() >= this.noMoreUntil
+      ) {
         try {
           await this.connect();
         } catch (e) {
-          if (open.length === 0) throw e;
+          this.noMoreUntil = Date.now() + 30_000;
+          this.log.warn(
+            `ssh ${this.where}: cannot open another connection (${
+              errorText(e)
+            }); carrying on with ${open.length} for 30 s`,
+          );
         }
         continue;
       }
@@ -1141,38 +2513,7 @@ export class SshPool implements CommandRunner {
   }
 
   private connect(): Promise<Connection> {
-    const wait = this.nextAttemptAt - this.clock.now();
-    if (this.connecting === undefined && wait > 0) {
-      return Promise.reject(
-        new Error(
-          `not connected to ${this.where}; next attempt in ${
-            Math.ceil(wait / 1000)
-          } s`,
-        ),
-      );
-    }
-    this.connecting ??= this.openConnection().then(
-      (c) => {
-        this.failures = 0;
-        this.lastError = undefined;
-        this.nextAttemptAt = 0;
-        return c;
-      },
-      (e: unknown) => {
-        this.failures++;
-        const delay = backoffMs(this.failures - 1, 500, 30_000, Math.random());
-        this.nextAttemptAt = this.clock.now() + delay;
-        const text = errorText(e);
-        const changed = text !== this.lastError;
-        this.lastError = text;
-        if (changed || this.failures % 10 === 0) {
-          this.log.error(
-            `ssh ${this.where}: cannot connect: ${text}; retrying with backoff (attempt ${this.failures})`,
-          );
-        }
-        throw e;
-      },
-    ).finally(() => {
+    this.connecting ??= this.openConnection().finally(() => {
       this.connecting = undefined;
     });
     return this.connecting;
@@ -1246,8 +2587,10 @@ export class SshPool implements CommandRunner {
         agent: this.credentials.agent,
         hostVerifier: verify,
         readyTimeout: this.ssh.connectTimeoutMs,
-        keepaliveInterval: 15_000,
-        keepaliveCountMax: 3,
+        // A connection that silently stops forwarding is dropped after
+        // three unanswered keepalives: within about 15 s.
+        keepaliveInterval: 5_000,
+        keepaliveCountMax: 2,
         algorithms: algorithms.length > 0
           ? {
             serverHostKey: algorithms as NonNullable<
@@ -1423,921 +2766,10 @@ function describeSshError(
   return e.message;
 }
 
-// ---------------------------------------------------------------------------
-// Worker loop: reserve, run, then delete (or release, or dead-letter)
-// ---------------------------------------------------------------------------
-
-export type QueueApi = Pick<
-  IronMqClient,
-  | "ensureQueue"
-  | "reserve"
-  | "delete"
-  | "deleteBatch"
-  | "release"
-  | "touch"
-  | "post"
->;
-
-export interface WorkerDeps {
-  queue: QueueApi;
-  runner: CommandRunner;
-  log: Log;
-  clock: Clock;
-  random?: () => number;
-  /** How often a running message's reservation is extended; default half of it. */
-  touchIntervalMs?: number;
-  /** Masks secrets in what goes to the dead-letter queue (stderr of a command). */
-  redact?: (text: string) => string;
-}
-
-/** Splits a byte stream into lines for the log; a very long line is cut into pieces. */
-export class LineSplitter {
-  private readonly decoder = new TextDecoder();
-  private partial = "";
-  constructor(
-    private readonly emit: (line: string) => void,
-    private readonly maxLine = 16_384,
-  ) {}
-
-  push(chunk: Uint8Array): void {
-    this.take(this.decoder.decode(chunk, { stream: true }));
-  }
-
-  end(): void {
-    this.take(this.decoder.decode());
-    if (this.partial !== "") this.emit(this.partial);
-    this.partial = "";
-  }
-
-  private take(text: string): void {
-    const lines = (this.partial + text).split("\n");
-    this.partial = lines.pop() ?? "";
-    for (const line of lines) this.emit(line.replace(/\r$/, ""));
-    while (this.partial.length > this.maxLine) {
-      this.emit(this.partial.slice(0, this.maxLine));
-      this.partial = this.partial.slice(this.maxLine);
-    }
-  }
-}
-
-/** The last few KiB of a stream, kept for the dead-letter record. */
-class Tail {
-  private text = "";
-  constructor(private readonly max = 2048) {}
-  add(line: string): void {
-    this.text = (this.text + line + "\n").slice(-this.max);
-  }
-  toString(): string {
-    return this.text;
-  }
-}
-
-/** Logs an outage as a warning, as an error once it lasts 30 s, then once a minute, then its end. */
-class OutageLog {
-  private since?: number;
-  private lastLogged = 0;
-  private tries = 0;
-  constructor(
-    private readonly what: string,
-    private readonly log: Log,
-    private readonly clock: Clock,
-  ) {}
-
-  failed(e: unknown): void {
-    const now = this.clock.now();
-    this.tries++;
-    if (this.since === undefined) {
-      this.since = now;
-      this.lastLogged = now;
-      this.log.warn(`${this.what}: ${errorText(e)}; retrying with backoff`);
-    } else if (
-      now - this.since >= 30_000 && now - this.lastLogged >= 60_000 ||
-      now - this.since >= 30_000 && this.lastLogged === this.since
-    ) {
-      // Past 30 s it is no blip: an error, then once a minute.
-      this.lastLogged = now;
-      this.log.error(
-        `${this.what}: still failing after ${
-          Math.round((now - this.since) / 1000)
-        } s and ${this.tries} tries: ${errorText(e)}`,
-      );
-    }
-  }
-
-  recovered(): void {
-    if (this.since === undefined) return;
-    this.log.info(
-      `${this.what}: working again after ${
-        Math.round((this.clock.now() - this.since) / 1000)
-      } s and ${this.tries} failed tries`,
-    );
-    this.since = undefined;
-    this.tries = 0;
-  }
-}
-
-type DeleteOutcome = "deleted" | "expired" | "gone" | "failed";
-
-/** Coalesces deletes: while one batch is in flight, the next ones gather (up to 100). */
-class DeleteBatcher {
-  private pending: { item: DeleteItem; done: (o: DeleteOutcome) => void }[] =
-    [];
-  private flushing?: Promise<void>;
-
-  constructor(private readonly deps: WorkerDeps) {}
-
-  delete(item: DeleteItem): Promise<DeleteOutcome> {
-    return new Promise((done) => {
-      this.pending.push({ item, done });
-      this.flushing ??= this.flush().finally(() => {
-        this.flushing = undefined;
-      });
-    });
-  }
-
-  async idle(): Promise<void> {
-    while (this.flushing) await this.flushing;
-  }
-
-  private async flush(): Promise<void> {
-    while (this.pending.length > 0) {
-      const batch = this.pending.splice(0, 100);
-      const outcomes = await this.deleteAll(batch.map((b) => b.item));
-      batch.forEach((b, i) => b.done(outcomes[i]));
-    }
-  }
-
-  private async deleteAll(items: DeleteItem[]): Promise<DeleteOutcome[]> {
-    const result = await withRetries(
-      () => this.deps.queue.deleteBatch(items),
-      this.deps,
-    );
-    if (result.ok) return items.map(() => "deleted");
-    // One bad reservation fails the whole batch: find out which, one by one.
-    if (items.length > 1 && !result.retryable) {
-      return await Promise.all(items.map((item) => this.deleteOne(item)));
-    }
-    return items.map(() => outcomeOf(result.error));
-  }
-
-  private async deleteOne(item: DeleteItem): Promise<DeleteOutcome> {
-    const result = await withRetries(
-      () => this.deps.queue.delete(item.id, item.reservation_id),
-      this.deps,
-    );
-    return result.ok ? "deleted" : outcomeOf(result.error);
-  }
-}
-
-function outcomeOf(e: unknown): DeleteOutcome {
-  if (e instanceof QueueError && e.status === 403) return "expired";
-  if (e instanceof QueueError && e.status === 404) return "gone";
-  return "failed";
-}
-
-type Attempt<T> =
-  | { ok: true; value: T }
-  | { ok: false; error: unknown; retryable: boolean };
-
-/** Retries a queue call that may fail for a moment (5xx, 408, 429, network): 6 tries, about 10 s. */
-async function withRetries<T>(
-  call: () => Promise<T>,
-  deps: WorkerDeps,
-  tries = 6,
-): Promise<Attempt<T>> {
-  let last: unknown;
-  for (let attempt = 0; attempt < tries; attempt++) {
-    try {
-      return { ok: true, value: await call() };
-    } catch (e) {
-      last = e;
-      if (!(e instanceof QueueError) || !e.retryable) {
-        return { ok: false, error: e, retryable: !(e instanceof QueueError) };
-      }
-      if (attempt + 1 < tries) {
-        const random = deps.random ?? Math.random;
-        await deps.clock.sleep(backoffMs(attempt, 200, 5_000, random()));
-      }
-    }
-  }
-  return { ok: false, error: last, retryable: true };
-}
-
-/** A reserved message and its current reservation id (touch replaces it). */
-interface Held {
-  message: QueueMessage;
-  reservationId: string;
-  /** Which run this is, counting this one. */
-  attempt: number;
-  /** The command with the message's arguments, quoted. */
-  command: string;
-  /** Touches the reservation while the message waits and runs. */
-  keeper: { stop(): void };
-}
-
-/** What went wrong on the last run, for the log and the dead-letter record. */
-interface Failure {
-  reason: string;
-  exitStatus?: number | string;
-  stderrTail?: string;
-}
-
-export class Worker {
-  /** Reserved, kept by touching, not started yet: the next commands to run. */
-  private readonly backlog: Held[] = [];
-  /** Commands running now: how to stop each, and when it ends. */
-  private readonly running = new Map<
-    Held,
-    { controller: AbortController; ended: Promise<void> }
-  >();
-  /** Deletes, releases and dead-letter moves still under way. */
-  private readonly settling = new Set<Promise<void>>();
-  private readonly hardStop = new AbortController();
-  /**
-   * Reservations and touches of a message that were no failed run (a touch, an
-   * SSH failure, a stop): IronMQ's reserved_count counts them all.
-   */
-  private readonly notRuns = new Map<string, number>();
-  private readonly deletes: DeleteBatcher;
-  private readonly reserveOutage: OutageLog;
-  private roomMade?: () => void;
-
-  constructor(
-    private readonly task: TaskConfig,
-    private readonly deps: WorkerDeps,
-    private readonly host: string,
-    private readonly queueName: string,
-  ) {
-    this.deletes = new DeleteBatcher(deps);
-    this.reserveOutage = new OutageLog(
-      `reserve from ${queueName}`,
-      deps.log,
-      deps.clock,
-    );
-  }
-
-  /**
-   * Runs until `stop` aborts, then shuts down gracefully. It keeps up to
-   * `concurrency` commands running and as many reserved messages waiting, so
-   * a slot that frees up starts the next command without a round trip.
-   */
-  async run(stop: AbortSignal): Promise<void> {
-    await this.ensureQueue(stop);
-    const limit = 2 * this.task.concurrency;
-    let lastPoll: Promise<void> = Promise.resolve();
-    while (!stop.aborted) {
-      await this.waitForRoom(limit, stop);
-      try {
-        await this.deps.runner.ready(stop);
-      } catch {
-        break; // stopped while SSH was unreachable
-      }
-      const room = limit - this.backlog.length - this.running.size;
-      lastPoll = this.reserve(Math.min(100, room), stop).then((messages) => {
-        for (const message of messages) this.accept(message, stop);
-        this.startWaiting();
-      });
-      // On stop, the grace period starts now, while the poll finishes.
-      await settledOrAborted(lastPoll, stop);
-    }
-    await this.shutdown(lastPoll);
-  }
-
-  /** Aborts every running command now (a second SIGTERM). */
-  abortRunning(): void {
-    this.hardStop.abort();
-    this.stopCommands();
-  }
-
-  private stopCommands(): void {
-    for (const { controller } of this.running.values()) controller.abort();
-  }
-
-  private async ensureQueue(stop: AbortSignal): Promise<void> {
-    try {
-      if (await this.deps.queue.ensureQueue(stop)) {
-        this.deps.log.info(
-          `queue ${this.queueName} did not exist: created it (check IRON_MQ_QUEUE_NAME if you expected messages)`,
-        );
-      }
-    } catch (e) {
-      if (!stop.aborted) {
-        this.deps.log.warn(`queue ${this.queueName}: ${errorText(e)}`);
-      }
-    }
-  }
-
-  private waitForRoom(limit: number, stop: AbortSignal): Promise<void> {
-    if (this.backlog.length + this.running.size < limit || stop.aborted) {
-      return Promise.resolve();
-    }
-    return new Promise((resolve) => {
-      const done = () => {
-        stop.removeEventListener("abort", done);
-        this.roomMade = undefined;
-        resolve();
-      };
-      this.roomMade = done;
-      stop.addEventListener("abort", done, { once: true });
-    });
-  }
-
-  private async reserve(
-    n: number,
-    stop: AbortSignal,
-  ): Promise<QueueMessage[]> {
-    const { clock, queue } = this.deps;
-    const random = this.deps.random ?? Math.random;
-    const wait = this.task.pollWaitSeconds;
-    for (let attempt = 0; !stop.aborted; attempt++) {
-      const started = clock.now();
-      try {
-        // Not aborted by `stop`: a poll cut off mid-flight can leave its messages
-        // reserved by nobody until they time out. What it returns is released.
-        const messages = await queue.reserve(
-          n,
-          this.task.reservationTimeoutSeconds,
-          wait,
-          this.hardStop.signal,
-        );
-        this.reserveOutage.recovered();
-        // An empty answer sooner than the long-poll allows (wait 0, or a server
-        // that ignores it) must not make this loop spin.
-        if (messages.length === 0 && clock.now() - started < wait * 500 + 50) {
-          await clock.sleep(1000, stop);
-        }
-        return messages;
-      } catch (e) {
-        if (stop.aborted) break;
-        if (e instanceof QueueError && e.status === 404) {
-          await this.ensureQueue(stop);
-        }
-        this.reserveOutage.failed(e);
-        await clock.sleep(backoffMs(attempt, 250, 30_000, random()), stop);
-      }
-    }
-    return [];
-  }
-
-  /** Takes a reserved message in: to the backlog, or straight to its end. */
-  private accept(message: QueueMessage, stop: AbortSignal): void {
-    const held: Held = {
-      message,
-      reservationId: message.reservation_id,
-      attempt: this.attemptOf(message),
-      command: "",
-      keeper: { stop: () => {} },
-    };
-    const plan = planCommand(this.task.command, message.body);
-    if (!plan.ok) {
-      this.deps.log.error(
-        `message ${message.id}: will not run anything: ${plan.reason}`,
-      );
-      return this.settle(held, this.deadLetter(held, { reason: plan.reason }));
-    }
-    if (stop.aborted) {
-      this.countNotRun(held);
-      return this.settle(
-        held,
-        this.release(held, 0, "shutting down before it started"),
-      );
-    }
-    held.command = plan.command;
-    held.keeper = this.keepReserved(held);
-    this.backlog.push(held);
-  }
-
-  /** Starts waiting commands while there are free slots. */
-  private startWaiting(): void {
-    while (
-      this.running.size < this.task.concurrency && this.backlog.length > 0
-    ) {
-      const held = this.backlog.shift()!;
-      const controller = new AbortController();
-      const ended = this.execute(held, controller.signal).then(
-        (run) => this.settle(held, run.afterwards),
-        (e) =>
-          this.deps.log.error(
-            `message ${held.message.id}: unexpected error: ${errorText(e)}`,
-          ),
-      ).finally(() => {
-        this.running.delete(held);
-        this.startWaiting();
-        this.roomMade?.();
-      });
-      this.running.set(held, { controller, ended });
-    }
-  }
-
-  /** Tracks what is done after a run (delete, release, dead letter) for shutdown. */
-  private settle(held: Held, work: Promise<void>): void {
-    const tracked = work.catch((e) =>
-      this.deps.log.error(
-        `message ${held.message.id}: unexpected error: ${errorText(e)}`,
-      )
-    ).finally(() => this.settling.delete(tracked));
-    this.settling.add(tracked);
-  }
-
-  /**
-   * Runs the command; its slot is free again as soon as this resolves, while
-   * what follows (delete, release, dead letter) goes on as `afterwards`.
-   */
-  private async execute(
-    held: Held,
-    signal: AbortSignal,
-  ): Promise<{ afterwards: Promise<void> }> {
-    const { log, clock } = this.deps;
-    const id = held.message.id;
-    const prefix = `[${this.host}]`;
-    log.info(`${prefix} run: ${held.command}`);
-    log.debug(`message ${id}: attempt ${held.attempt}`);
-    const stderrTail = new Tail();
-    const out = new LineSplitter((line) => log.info(`${prefix} out: ${line}`));
-    const err = new LineSplitter((line) => {
-      stderrTail.add(line);
-      log.info(`${prefix} err: ${line}`);
-    });
-    const started = clock.now();
-    let result: RunResult;
-    try {
-      result = await this.deps.runner.run(held.command, {
-        onStdout: (chunk) => out.push(chunk),
-        onStderr: (chunk) => err.push(chunk),
-        timeoutMs: this.task.timeoutMs,
-        signal,
-      });
-    } finally {
-      held.keeper.stop();
-    }
-    out.end();
-    err.end();
-    const took = `${clock.now() - started} ms`;
-    const failure = (reason: string, exitStatus: number | string) => ({
-      afterwards: this.failed(held, {
-        reason,
-        exitStatus,
-        stderrTail: stderrTail.toString(),
-      }),
-    });
-
-    switch (result.kind) {
-      case "exit":
-        if (result.code === 0) {
-          log.info(`${prefix} exit: 0 (message ${id}, ${took})`);
-          return { afterwards: this.deleteDone(held) };
-        }
-        log.warn(`${prefix} exit: ${result.code} (message ${id}, ${took})`);
-        return failure(`exit status ${result.code}`, result.code);
-      case "signal":
-        log.warn(
-          `${prefix} killed by signal ${result.signal} (message ${id}, ${took})`,
-        );
-        return failure(`killed by signal ${result.signal}`, result.signal);
-      case "timeout": {
-        const limit = `${this.task.timeoutMs / 1000} s`;
-        log.warn(`${prefix} timed out after ${limit}: stopped (message ${id})`);
-        return failure(`timed out after ${limit} (TASK_TIMEOUT)`, "timeout");
-      }
-      case "aborted":
-        log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
-        this.countNotRun(held);
-        return { afterwards: this.release(held, 0, "stopped by shutdown") };
-      case "ssh-error":
-        log.error(`${prefix} ssh error: ${result.error} (message ${id})`);
-        this.countNotRun(held);
-        return {
-          afterwards: this.release(
-            held,
-            retryDelaySeconds(1, this.task.retryDelaySeconds),
-            "SSH failed",
-          ),
-        };
-    }
-  }
-
-  /**
-   * Which run a newly reserved message is on: reserved_count less what this
-   * process knows were no runs (an earlier process's are forgotten, so this
-   * errs on the high side).
-   */
-  private attemptOf(message: QueueMessage): number {
-    return Math.max(
-      1,
-      message.reserved_count - (this.notRuns.get(message.id) ?? 0),
-    );
-  }
-
-  private countNotRun(held: Held): void {
-    const id = held.message.id;
-    this.notRuns.set(id, (this.notRuns.get(id) ?? 0) + 1);
-  }
-
-  /** Touches the message at half its reservation so a long command keeps it. */
-  private keepReserved(held: Held): { stop(): void } {
-    const timeout = this.task.reservationTimeoutSeconds;
-    const timer = setInterval(async () => {
-      const result = await withRetries(
-        () =>
-          this.deps.queue.touch(held.message.id, held.reservationId, timeout),
-        this.deps,
-        3,
-      );
-      if (result.ok) {
-        held.reservationId = result.value;
-        this.countNotRun(held);
-        this.deps.log.debug(`message ${held.message.id}: reservation extended`);
-      } else {
-        this.deps.log.warn(
-          `message ${held.message.id}: could not extend its reservation (${
-            errorText(result.error)
-          }); another worker may run it too`,
-        );
-      }
-    }, this.deps.touchIntervalMs ?? timeout * 500);
-    return { stop: () => clearInterval(timer) };
-  }
-
-  private async deleteDone(held: Held): Promise<void> {
-    const id = held.message.id;
-    this.notRuns.delete(id);
-    const outcome = await this.deletes.delete({
-      id,
-      reservation_id: held.reservationId,
-    });
-    if (outcome === "deleted") return;
-    if (outcome === "gone") {
-      // Most often our own earlier try landed and only its reply was lost.
-      this.deps.log.info(
-        `message ${id}: already gone from the queue when deleted`,
-      );
-      return;
-    }
-    const why = outcome === "expired"
-      ? "its reservation had expired, so another worker may have it: it MAY RUN TWICE (not rerun here)"
-      : "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE";
-    this.deps.log.warn(
-      `message ${id}: the command succeeded but the delete did not: ${why}`,
-    );
-  }
-
-  private async failed(held: Held, failure: Failure): Promise<void> {
-    const attempts = held.attempt;
-    if (attempts >= this.task.maxAttempts) {
-      return await this.deadLetter(held, failure);
-    }
-    const delay = retryDelaySeconds(attempts, this.task.retryDelaySeconds);
-    await this.release(
-      held,
-      delay,
-      `${failure.reason}, attempt ${attempts} of ${this.task.maxAttempts}`,
-    );
-  }
-
-  private async release(
-    held: Held,
-    delaySeconds: number,
-    why: string,
-  ): Promise<void> {
-    const id = held.message.id;
-    const result = await withRetries(
-      () => this.deps.queue.release(id, held.reservationId, delaySeconds),
-      this.deps,
-    );
-    if (result.ok) {
-      this.deps.log.info(
-        `message ${id}: released for a retry in ${delaySeconds} s (${why})`,
-      );
-    } else {
-      this.deps.log.warn(
-        `message ${id}: release failed (${
-          errorText(result.error)
-        }); it returns to the queue when its reservation times out (${why})`,
-      );
-    }
-  }
-
-  /** Records the message in the dead-letter queue, then deletes it; if recording fails, releases it. */
-  private async deadLetter(held: Held, failure: Failure): Promise<void> {
-    const { message } = held;
-    const record = {
-      queue: this.queueName,
-      id: message.id,
-      body: message.body,
-      attempts: held.attempt,
-      reason: failure.reason,
-      exit_status: failure.exitStatus,
-      stderr_tail: failure.stderrTail === undefined
-        ? undefined
-        : (this.deps.redact ?? String)(failure.stderrTail),
-      failed_at: new Date(this.deps.clock.now()).toISOString(),
-    };
-    const posted = await withRetries(
-      () =>
-        this.deps.queue.post(this.task.deadLetterQueue, [
-          JSON.stringify(record),
-        ]),
-      this.deps,
-    );
-    if (!posted.ok) {
-      this.deps.log.error(
-        `message ${message.id}: cannot record it in ${this.task.deadLetterQueue} (${
-          errorText(posted.error)
-        }); keeping it in ${this.queueName}`,
-      );
-      return await this.release(
-        held,
-        this.task.retryDelaySeconds,
-        "dead-letter queue unavailable",
-      );
-    }
-    this.deps.log.error(
-      `message ${message.id}: moved to ${this.task.deadLetterQueue} after ${held.attempt} attempt(s): ${failure.reason}`,
-    );
-    await this.deleteDone(held);
-  }
-
-  /** Ends the backlog, the running commands and `lastPoll`, then what they left to do. */
-  private async shutdown(lastPoll: Promise<void>): Promise<void> {
-    const { log, clock } = this.deps;
-    for (const held of this.backlog.splice(0)) {
-      held.keeper.stop();
-      this.countNotRun(held);
-      this.settle(
-        held,
-        this.release(held, 0, "shutting down before it started"),
-      );
-    }
-    const ended = () => [...this.running.values()].map((r) => r.ended);
-    if (this.running.size > 0) {
-      log.info(
-        `stopping: waiting up to ${
-          this.task.shutdownGraceMs / 1000
-        } s for ${this.running.size} running command(s)`,
-      );
-      const graceOver = new AbortController();
-      await Promise.race([
-        Promise.allSettled(ended()),
-        clock.sleep(this.task.shutdownGraceMs, graceOver.signal),
-      ]);
-      graceOver.abort();
-      if (this.running.size > 0) {
-        log.warn(
-          `stopping: ${this.running.size} command(s) still running after the grace period: stopping them and releasing their messages`,
-        );
-        this.stopCommands();
-        await Promise.allSettled(ended());
-      }
-    }
-    await lastPoll;
-    while (this.settling.size > 0) await Promise.allSettled([...this.settling]);
-    await this.deletes.idle();
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Entry point
-// ---------------------------------------------------------------------------
-
-/** The curl line that posts a test message; a token is shown as $MQ_TOKEN, never its value. */
-export function curlExample(queue: QueueConfig): string {
-  const url =
-    `${queue.baseUrl}/3/projects/${queue.projectId}/queues/${queue.queueName}/messages`;
-  const auth = queue.token === undefined
-    ? ""
-    : ` -H "Authorization: OAuth $MQ_TOKEN"`;
-  return `curl -sS -X POST -H 'Content-Type: application/json'${auth} -d '{"messages":[{"body":"hello world!"}]}' ${url}`;
-}
-
-/** HOME and the user name from the environment, else from the system (chpst sets neither). */
-function configContext(env: Env): ConfigContext {
-  let account: { username: string; homedir: string } | undefined;
-  const system = () => (account ??= userInfo());
-  let home: string;
-  let user: string;
-  try {
-    home = env.HOME ?? system().homedir;
-    user = env.USER ?? env.LOGNAME ?? system().username;
-  } catch (e) {
-    throw new ConfigError([
-      `HOME/USER: not set and the system's account cannot be read (${
-        errorText(e)
-      }): set HOME and USER (or SSH_USER)`,
-    ]);
-  }
-  return {
-    home,
-    user,
-    ironJsonFiles: readIronJsonFiles(Deno.cwd(), home),
-    exists: (path) => {
-      try {
-        return Deno.statSync(path).isFile;
-      } catch {
-        return false;
-      }
-    },
-    readKey: (path) => Deno.readFileSync(path),
-    isSocket: (path) => {
-      try {
-        return Deno.statSync(path).isSocket === true;
-      } catch {
-        return false;
-      }
-    },
-  };
-}
-
-/**
- * Deno flags granting the worker only what this configuration needs: the queue
- * and SSH addresses, the key, known_hosts, iron.json and the embedded database.
- */
-export function permissionFlags(
-  config: Config,
-  configPaths: string[],
-  needsUserInfo: boolean,
-): string[] {
-  const net = new Set<string>();
-  const read = new Set<string>(configPaths);
-  const write = new Set<string>();
-  if (config.embedded) {
-    const host = bracketIPv6(config.embedded.hostname ?? "127.0.0.1");
-    const port = config.embedded.port ?? 8080;
-    net.add(port === 0 ? host : `${host}:${port}`);
-    const db = config.embedded.dbPath ?? "ironmq.sqlite";
-    if (db !== ":memory:") {
-      for (const suffix of ["", "-wal", "-shm", "-journal"]) {
-        read.add(db + suffix);
-        write.add(db + suffix);
-      }
-    }
-  } else {
-    const url = new URL(config.queue.baseUrl);
-    net.add(
-      `${url.hostname}:${url.port || (url.protocol === "https:" ? 443 : 80)}`,
-    );
-  }
-  net.add(`${bracketIPv6(config.ssh.host)}:${config.ssh.port}`);
-  read.add(config.ssh.knownHostsFile);
-  if (config.ssh.strictHostKeyChecking === "accept-new") {
-    write.add(config.ssh.knownHostsFile);
-  }
-  if (config.ssh.keyFile !== undefined) read.add(config.ssh.keyFile);
-  if (config.ssh.agentSocket !== undefined) {
-    net.add(`unix:${config.ssh.agentSocket}`);
-    read.add(config.ssh.agentSocket);
-    write.add(config.ssh.agentSocket);
-  }
-  const unusable = [...net, ...read, ...write].filter((p) => /[\s,]/.test(p));
-  if (unusable.length > 0) {
-    throw new ConfigError(
-      unusable.map((p) =>
-        `${
-          JSON.stringify(p)
-        }: a path or host with a space or comma cannot be granted to Deno; move or rename it`
-      ),
-    );
-  }
-  const flags = [
-    "--allow-env",
-    `--allow-net=${[...net].join(",")}`,
-    `--allow-read=${[...read].join(",")}`,
-  ];
-  if (write.size > 0) flags.push(`--allow-write=${[...write].join(",")}`);
-  if (needsUserInfo) flags.push("--allow-sys=uid,gid,userInfo");
-  return flags;
-}
-
-/** Starts everything from the environment; resolves to the exit code. */
-export async function main(
-  env: Env = Deno.env.toObject(),
-  sink: LineSink = stdoutSink(),
-): Promise<number> {
-  let config: Config;
-  let credentials: SshCredentials;
-  try {
-    config = parseConfig(env, configContext(env));
-    credentials = loadSshCredentials(config.ssh);
-  } catch (e) {
-    sink(`FATAL ${errorText(e).replaceAll("\n", "\n  ")}`);
-    return 2;
-  }
-  const secrets = [config.queue.token, config.ssh.passphrase].filter(
-    (s): s is string => s !== undefined,
-  );
-  const log = await setupLogging(sink, config.logLevel, secrets);
-
-  let server: QueueServer | undefined;
-  if (config.embedded) {
-    try {
-      server = await startQueueServer(config.embedded);
-    } catch (e) {
-      log.error(
-        `cannot start the embedded queue server: ${
-          errorText(e)
-        } (MQ_PORT sets its port; or set IRON_HOST/IRON_TOKEN to use another IronMQ server)`,
-      );
-      return 1;
-    }
-    config.queue.baseUrl = server.url;
-    log.info(`embedded IronMQ server listening on ${server.url}`);
-    log.info(`post a test message: ${curlExample(config.queue)}`);
-  }
-
-  const stop = new AbortController();
-  const queue = new IronMqClient(config.queue);
-  const runner = new SshPool(
-    config.ssh,
-    credentials,
-    config.task.concurrency,
-    log,
-  );
-  const worker = new Worker(
-    config.task,
-    {
-      queue,
-      runner,
-      log,
-      clock: realClock,
-      redact: (text) => maskSecrets(text, secrets),
-    },
-    config.ssh.host,
-    config.queue.queueName,
-  );
-  let firstSignalAt = 0;
-  const onSignal = () => {
-    // Ctrl-C reaches the worker twice at once (from the terminal, and from
-    // `deno task` passing it on): only a later one means "stop now".
-    if (stop.signal.aborted && Date.now() - firstSignalAt < 1000) return;
-    if (stop.signal.aborted) {
-      log.warn("second stop signal: stopping running commands now");
-      worker.abortRunning();
-      return;
-    }
-    log.info("stop signal received: no new messages will be reserved");
-    firstSignalAt = Date.now();
-    stop.abort();
-  };
-  Deno.addSignalListener("SIGTERM", onSignal);
-  Deno.addSignalListener("SIGINT", onSignal);
-
-  log.info(
-    `worker: queue ${config.queue.queueName} at ${config.queue.baseUrl}, ssh ${config.ssh.user}@${config.ssh.host}:${config.ssh.port}, command: ${config.task.command}, concurrency ${config.task.concurrency}`,
-  );
-  try {
-    await worker.run(stop.signal);
-  } finally {
-    Deno.removeSignalListener("SIGTERM", onSignal);
-    Deno.removeSignalListener("SIGINT", onSignal);
-    runner.close();
-    await server?.close();
-  }
-  log.info("stopped");
-  return 0;
-}
-
-/** `tasks.ts --permissions`: print the flags for `deno run` (see ./start). */
-function printPermissions(env: Env): number {
-  try {
-    const context = configContext(env);
-    const config = parseConfig(env, context);
-    const flags = permissionFlags(
-      config,
-      ironJsonPaths(Deno.cwd(), context.home),
-      env.USER === undefined && env.LOGNAME === undefined ||
-        env.HOME === undefined,
-    );
-    console.log(flags.join(" "));
-    return 0;
-  } catch (e) {
-    console.error(`FATAL ${errorText(e).replaceAll("\n", "\n  ")}`);
-    return 2;
-  }
-}
-
 if (import.meta.main) {
   Deno.exit(
     Deno.args.includes("--permissions")
       ? printPermissions(Deno.env.toObject())
       : await main(),
   );
-}
-
-// ---------------------------------------------------------------------------
-// Small helpers
-// ---------------------------------------------------------------------------
-
-/** Resolves when `work` settles or `signal` aborts, leaving no listener behind. */
-function settledOrAborted(
-  work: Promise<unknown>,
-  signal: AbortSignal,
-): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    if (signal.aborted) return resolve();
-    signal.addEventListener("abort", done, { once: true });
-    work.then(done, done);
-  });
 }

@@ -21,9 +21,9 @@ import {
   permissionFlags,
   planCommand,
   realClock,
-  retryDelaySeconds,
   type RunIo,
   type RunResult,
+  Secrets,
   shellQuote,
   SshPool,
   type TaskConfig,
@@ -237,12 +237,27 @@ Deno.test("quoting: hostile arguments reach a real sh exactly", async () => {
 });
 
 Deno.test("messages: text bodies run the command as configured", () => {
-  for (const body of ["hello world!", "", "[1,2]", "42", "{not json"]) {
+  for (const body of ["hello world!", "", "42", '"text"', "not {json"]) {
     const plan = planCommand("cat /etc/os-release", body);
     assert.deepEqual(plan, {
       ok: true,
       command: "cat /etc/os-release",
       args: [],
+    });
+  }
+});
+
+Deno.test("messages: a JSON body after a byte order mark or white space keeps its args", () => {
+  for (
+    const body of [
+      '\uFEFF{"args": ["--dry-run"]}',
+      '\n  {"args": ["--dry-run"]} ',
+    ]
+  ) {
+    assert.deepEqual(planCommand("deploy", body), {
+      ok: true,
+      command: "deploy --dry-run",
+      args: ["--dry-run"],
     });
   }
 });
@@ -257,6 +272,12 @@ Deno.test("messages: invalid args never run and say why", () => {
     ['{"args": ["a\\u0000b"]}', /NUL/],
     ['{"args": ["\\ud800"]}', /lone surrogate/],
     [JSON.stringify({ args: ["x".repeat(200_000)] }), /over the 100000-byte/],
+    // Starts like JSON but is not: taken as plain text, it would drop the args.
+    ['{"args":["--dry-run"],}', /starts like JSON but is not valid JSON/],
+    ["{'args': ['--dry-run']}", /starts like JSON but is not valid JSON/],
+    ['  \n{"args": ["a"]', /starts like JSON but is not valid JSON/],
+    ["{not json", /starts like JSON/],
+    ["[1,2]", /must be an object/],
   ];
   for (const [body, reason] of cases) {
     const plan = planCommand("echo", body);
@@ -375,9 +396,10 @@ Deno.test("backoff: grows, is capped, and jitters within [half, full]", () => {
   assert.equal(backoffMs(0, 100, 10_000, 0.999999), 100);
   assert.equal(backoffMs(3, 100, 10_000, 0), 400);
   assert.equal(backoffMs(50, 100, 10_000, 0.999999), 10_000);
-  assert.equal(retryDelaySeconds(1, 10), 10);
-  assert.equal(retryDelaySeconds(3, 10), 40);
-  assert.equal(retryDelaySeconds(30, 10), 900);
+  // Release delays take the top of the range: TASK_RETRY_DELAY, doubling, at most 15 minutes.
+  assert.equal(backoffMs(0, 10_000, 900_000, 1), 10_000);
+  assert.equal(backoffMs(2, 10_000, 900_000, 1), 40_000);
+  assert.equal(backoffMs(29, 10_000, 900_000, 1), 900_000);
 });
 
 Deno.test("lines: split across chunks, CRLF, multi-byte characters, long lines", () => {
@@ -401,11 +423,14 @@ Deno.test("log format: plain for info, marked for problems, secrets masked", () 
     properties: {},
   });
   assert.equal(
-    formatRecord(record("info", "[h] out: {x}"), []),
+    formatRecord(record("info", "[h] out: {x}"), new Secrets([])),
     "[h] out: {x}",
   );
   assert.equal(
-    formatRecord(record("error", "token s3cr3t-tok\nnext"), ["s3cr3t-tok"]),
+    formatRecord(
+      record("error", "token s3cr3t-tok\nnext"),
+      new Secrets(["s3cr3t-tok"]),
+    ),
     "ERROR token [redacted]\\nnext",
   );
 });
