@@ -61,6 +61,9 @@ class ApiError extends Error {
   }
 }
 
+/** The client closed the connection before its request arrived whole. */
+class ClientGone extends Error {}
+
 const queueNotFound = () => new ApiError(404, "Queue not found");
 const messageNotFound = () => new ApiError(404, "Message not found");
 const badRequest = (message: string) => new ApiError(400, message);
@@ -179,6 +182,7 @@ const MESSAGE_COLUMNS =
 function openDatabase(path: string): DatabaseSync {
   let db: DatabaseSync | undefined;
   try {
+    if (path !== ":memory:") createPrivately(path);
     db = new DatabaseSync(path);
     if (path !== ":memory:") {
       // Exclusive locking keeps a second server off the same file.
@@ -194,6 +198,18 @@ function openDatabase(path: string): DatabaseSync {
         errorText(error)
       }. Check the path is writable and that no other mq_server uses it.`,
     );
+  }
+}
+
+/**
+ * Creates the database file 0600 whatever the umask: it holds message bodies.
+ * SQLite gives the -wal, -shm and -journal files the database file's mode.
+ */
+function createPrivately(path: string): void {
+  try {
+    Deno.openSync(path, { createNew: true, write: true, mode: 0o600 }).close();
+  } catch (error) {
+    if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
   }
 }
 
@@ -556,7 +572,9 @@ class QueueStore {
       result = work(now);
       this.#sql.commit.run();
     } catch (error) {
-      this.#sql.rollback.run();
+      // SQLite may have rolled back already (it does on a full disk); a
+      // ROLLBACK then fails, and its error would hide the one that matters.
+      if (this.#db.isTransaction) this.#sql.rollback.run();
       this.#changed.clear();
       throw error;
     }
@@ -840,20 +858,23 @@ async function readBody(request: Request): Promise<string> {
   const declared = Number(request.headers.get("content-length") ?? 0);
   if (declared > MAX_REQUEST_BYTES) throw tooLarge();
   if (!request.body) return "";
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of request.body) {
-    size += chunk.byteLength;
-    if (size > MAX_REQUEST_BYTES) throw tooLarge();
-    chunks.push(chunk);
+  // Each chunk is a view into a 64 KiB read buffer: kept as they come, a body
+  // sent a byte per packet would hold 64 KiB per byte. Copied into one buffer,
+  // memory follows the bytes received.
+  const body = new ArrayBuffer(0, { maxByteLength: MAX_REQUEST_BYTES });
+  try {
+    for await (const chunk of request.body) {
+      const size = body.byteLength;
+      if (size + chunk.byteLength > MAX_REQUEST_BYTES) throw tooLarge();
+      body.resize(size + chunk.byteLength);
+      new Uint8Array(body).set(chunk, size);
+    }
+  } catch (error) {
+    if (error instanceof ApiError) throw error;
+    // The body stream fails only when the connection does.
+    throw new ClientGone();
   }
-  const bytes = new Uint8Array(size);
-  let offset = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, offset);
-    offset += chunk.byteLength;
-  }
-  return new TextDecoder().decode(bytes);
+  return new TextDecoder().decode(new Uint8Array(body));
 }
 
 function tooLarge(): ApiError {
@@ -1322,6 +1343,14 @@ function isAuthorized(request: Request, url: URL, token: string): boolean {
   return timingSafeEqual(sha256(presented), sha256(token));
 }
 
+const SQLITE_FULL = 13;
+
+/** SQLite's "database or disk is full", from node:sqlite's error code. */
+function isDatabaseFull(error: unknown): boolean {
+  return isRecord(error) && typeof error.errcode === "number" &&
+    (error.errcode & 0xff) === SQLITE_FULL;
+}
+
 function createRequestHandler(
   routes: Route[],
   token: string | undefined,
@@ -1357,11 +1386,22 @@ function createRequestHandler(
       if (error instanceof ApiError) {
         return errorResponse(error.status, error.message);
       }
-      log(
-        `mq_server: ${request.method} ${url.pathname} failed: ${
-          errorText(error)
-        }`,
-      );
+      const where = `mq_server: ${request.method} ${url.pathname}`;
+      if (error instanceof ClientGone) {
+        log(`${where}: client closed the connection mid-body; request dropped`);
+        return errorResponse(
+          400,
+          "Request body incomplete: the connection closed before all of it arrived",
+        );
+      }
+      log(`${where} failed: ${errorText(error)}`);
+      if (isDatabaseFull(error)) {
+        return errorResponse(
+          507,
+          `The queue's database is full (${errorText(error)}): ` +
+            "free disk space where it lives, then retry",
+        );
+      }
       return errorResponse(
         500,
         `Internal server error: ${errorText(error)}`,
