@@ -9,6 +9,9 @@
  * (IronMqClient + SshPool + Worker, logging at info into a sink that drops the
  * formatted lines); the memory measure runs the worker as a process through
  * ./start, as `deno task start` and runit do (its permissions, its V8 flags).
+ * The far-away queue rows drain the same way through test_support's proxy,
+ * which adds a fixed latency to every queue request (hosted IronMQ from another
+ * region is 40 to 180 ms away), next to the loopback drain of the same run.
  *
  * Sizes come from flags or BENCH_* variables (see SIZE_SETTINGS); 0 skips a
  * measure, `--smoke` starts from tiny sizes.
@@ -37,6 +40,7 @@ import {
 } from "./tasks.ts";
 import { type Env, type QueueServer, startQueueServer } from "./mq_server.ts";
 import { run, type Sshd, startSshd } from "./test_sshd.ts";
+import { sleep, startQueueProxy } from "./test_support.ts";
 
 // ---------------------------------------------------------------------------
 // Options: flags beat BENCH_* variables beat the defaults
@@ -45,6 +49,10 @@ import { run, type Sshd, startSshd } from "./test_sshd.ts";
 export interface Sizes {
   /** Messages drained at the default concurrency and at concurrency 1. */
   drain: number;
+  /** Messages drained with 40 ms added to every queue request. */
+  wan40: number;
+  /** Messages drained with 150 ms added to every queue request. */
+  wan150: number;
   /** Messages posted one at a time to an idle worker. */
   pickups: number;
   /** Messages the worker process drains, twice, while its memory is sampled. */
@@ -67,6 +75,10 @@ export interface Sizes {
 
 export const FULL_SIZES: Sizes = {
   drain: 2000,
+  // A few seconds each at the target rates; the worker before queue-latency
+  // prefetch took 11 s and 23 s (about 184 and 52 msg/s).
+  wan40: 2000,
+  wan150: 1200,
   pickups: 200,
   rss: 10_000,
   baseline: 100,
@@ -80,6 +92,8 @@ export const FULL_SIZES: Sizes = {
 
 export const SMOKE_SIZES: Sizes = {
   drain: 20,
+  wan40: 20,
+  wan150: 10,
   pickups: 5,
   rss: 100,
   baseline: 3,
@@ -137,8 +151,6 @@ export function readOptions(args: string[], env: Env): BenchOptions {
 // ---------------------------------------------------------------------------
 // Small measuring helpers
 // ---------------------------------------------------------------------------
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Wall-clock milliseconds with sub-millisecond resolution, comparable with `date +%s%N`. */
 const wallMs = () => performance.timeOrigin + performance.now();
@@ -449,18 +461,43 @@ export interface Drain extends Throughput {
   concurrency: number;
 }
 
+/** A drain from a far-away queue, and its target share of the loopback drain's rate. */
+export interface WanDrain extends Drain {
+  latencyMs: number;
+  targetShare: number;
+}
+
+/** The far-away queues: ms added to every queue request, the size giving the count, the target share. */
+const WAN_DRAINS = [
+  { latencyMs: 40, size: "wan40", targetShare: 0.8 },
+  { latencyMs: 150, size: "wan150", targetShare: 0.6 },
+] as const;
+
+/**
+ * The worker drains `count` no-ops: over loopback, or with `latencyMs` added
+ * to every queue request's round trip by a proxy. The messages are posted and
+ * the queue watched directly; only the worker's own requests are delayed.
+ */
 async function measureDrain(
   rig: Rig,
   count: number,
-  concurrency?: number,
+  how: { concurrency?: number; latencyMs?: number } = {},
 ): Promise<Drain> {
-  const queueName = `drain_${concurrency ?? "default"}`;
+  const { concurrency, latencyMs } = how;
+  const queueName = latencyMs === undefined
+    ? `drain_${concurrency ?? "default"}`
+    : `drain_plus_${latencyMs}_ms`;
   await postMany(rig, queueName, noOps(count));
-  const worker = await startWorker(
-    rig,
-    queueName,
-    concurrency === undefined ? {} : { TASK_CONCURRENCY: String(concurrency) },
-  );
+  const proxy = latencyMs === undefined
+    ? undefined
+    : startQueueProxy(rig.server.url, { latencyMs });
+  const extra: Env = {};
+  if (concurrency !== undefined) extra.TASK_CONCURRENCY = String(concurrency);
+  if (proxy !== undefined) extra.IRON_PORT = String(proxy.port);
+  const worker = await startWorker(rig, queueName, extra).catch(async (e) => {
+    await proxy?.close();
+    throw e;
+  });
   let result: Throughput;
   try {
     const startedAt = performance.now();
@@ -473,7 +510,8 @@ async function measureDrain(
     );
     result = throughput(count, startedAt);
   } finally {
-    await worker.stop();
+    // The worker first: its stop cuts its long-poll, which the proxy forwards.
+    await worker.stop().finally(() => proxy?.close());
   }
   return { ...result, concurrency: worker.concurrency };
 }
@@ -1006,6 +1044,8 @@ export interface Results {
   floor?: Floor;
   drain?: Drain;
   drainSerial?: Drain;
+  /** The far-away drains measured, nearest first. */
+  wanDrains: WanDrain[];
   pickups?: number[];
   memory?: Memory;
   seed?: Throughput;
@@ -1023,6 +1063,7 @@ export async function runBench(
     loadBefore: Deno.loadavg(),
     loadAfter: [],
     options,
+    wanDrains: [],
   };
   const rig = await startRig();
   const step = async <T>(
@@ -1056,13 +1097,22 @@ export async function runBench(
     results.drainSerial = await step(
       "drain at concurrency 1",
       sizes.drain,
-      () => measureDrain(rig, sizes.drain, 1),
+      () => measureDrain(rig, sizes.drain, { concurrency: 1 }),
     );
     results.drain = await step(
       "drain at the default concurrency",
       sizes.drain,
       () => measureDrain(rig, sizes.drain),
     );
+    // Right after the loopback drain they are compared with, on the same load.
+    for (const { latencyMs, size, targetShare } of WAN_DRAINS) {
+      const drain = await step(
+        `drain with +${latencyMs} ms queue latency`,
+        sizes[size],
+        () => measureDrain(rig, sizes[size], { latencyMs }),
+      );
+      if (drain) results.wanDrains.push({ ...drain, latencyMs, targetShare });
+    }
     results.pickups = await step(
       "pickup latency",
       sizes.pickups,
@@ -1135,6 +1185,23 @@ export function tableRows(r: Results): Row[] {
         n(r.drainSerial.msEach, 2)
       } ms each)`,
     ));
+  }
+  for (const wan of r.wanDrains) {
+    const measure = `1. drain ${
+      n(wan.count)
+    } no-ops, concurrency ${wan.concurrency}, +${wan.latencyMs} ms queue latency`;
+    const rate = `${n(wan.perSecond)} msg/s`;
+    if (!r.drain) {
+      rows.push(info(measure, rate));
+      continue;
+    }
+    const share = wan.perSecond / r.drain.perSecond;
+    rows.push({
+      measure,
+      figure: `${rate} (${n(share, 2)}× loopback)`,
+      target: `≥ ${wan.targetShare}× loopback`,
+      verdict: check(share >= wan.targetShare),
+    });
   }
   if (r.pickups) {
     const p50 = percentile(r.pickups, 50);
@@ -1293,6 +1360,8 @@ export function formatReport(r: Results): string {
     `sizes: ${sizes}`,
     "1 and 2: worker in-process with the queue server (as the embedded default), " +
     "LogTape at info into a sink that drops the lines; 3: the worker through ./start as a process.",
+    "+N ms queue latency: the worker's queue requests pass an in-process proxy that " +
+    "holds each for N/2 ms before forwarding and N/2 ms before replying.",
     "",
     markdownTable(tableRows(r)),
   ].join("\n");

@@ -1,7 +1,8 @@
 /**
- * The bench's code, run quickly: option parsing, the percentile, and one smoke
- * run of every measure at tiny sizes against a real sshd. The figures of a
- * smoke run mean nothing; the test checks that each one is there and sane.
+ * The bench's code, run quickly: option parsing, the percentile, the latency
+ * proxy of the far-away queue rows, and one smoke run of every measure at tiny
+ * sizes against a real sshd. The figures of a smoke run mean nothing; the test
+ * checks that each one is there and sane.
  */
 import assert from "node:assert/strict";
 import {
@@ -13,14 +14,23 @@ import {
   SMOKE_SIZES,
   tableRows,
 } from "./bench.ts";
+import { IronMqClient } from "./tasks.ts";
 import { needs, sshdMissing } from "./test_sshd.ts";
+import { startQueueProxy, startTestQueue, until } from "./test_support.ts";
 
 Deno.test("bench options: flags beat BENCH_* variables beat the defaults", () => {
   const options = readOptions(
-    ["--drain=50", "--baseline-sleep=0.5"],
-    { BENCH_DRAIN: "7", BENCH_PICKUPS: "9", BENCH_BASELINE_PICKUPS: "0" },
+    ["--drain=50", "--baseline-sleep=0.5", "--wan150=30"],
+    {
+      BENCH_DRAIN: "7",
+      BENCH_PICKUPS: "9",
+      BENCH_BASELINE_PICKUPS: "0",
+      BENCH_WAN40: "40",
+    },
   );
   assert.equal(options.sizes.drain, 50);
+  assert.equal(options.sizes.wan40, 40);
+  assert.equal(options.sizes.wan150, 30);
   assert.equal(options.sizes.pickups, 9);
   assert.equal(options.sizes.baselinePickups, 0);
   assert.equal(options.sizes.baselineSleep, 0.5);
@@ -52,6 +62,52 @@ Deno.test("bench percentile: nearest rank", () => {
   assert.ok(Number.isNaN(percentile([], 50)));
 });
 
+Deno.test("bench latency proxy: every reply comes its latency later, and requests wait side by side", async () => {
+  const latencyMs = 1_000;
+  const queue = await startTestQueue();
+  const proxy = startQueueProxy(queue.server.url, { latencyMs });
+  const far = new IronMqClient({
+    baseUrl: `http://127.0.0.1:${proxy.port}`,
+    projectId: "test",
+    queueName: "jobs",
+  });
+  // Settled once the proxy closed, so a failed check is not followed by their errors.
+  const requests: Promise<unknown>[] = [];
+  try {
+    await queue.client.ensureQueue();
+    // A long-poll parked in the server for up to 30 s holds no one up.
+    let parkedReplied = false;
+    const parked = far.reserve(1, 60, 30).finally(() => parkedReplied = true);
+    let replies = 0;
+    const posts = Array.from({ length: 8 }, async (_, i) => {
+      const startedAt = performance.now();
+      await far.post("other", [`m${i}`]);
+      replies++;
+      return performance.now() - startedAt;
+    });
+    requests.push(parked, ...posts);
+    await until("9 requests in the proxy", () => proxy.requests === 9, 10_000);
+    assert.equal(
+      replies,
+      0,
+      "a reply came before all 9 requests were in: the proxy held them one after another",
+    );
+    for (const ms of await Promise.all(posts)) {
+      // Less 2 ms: a timer may fire a fraction of a millisecond early.
+      assert.ok(ms >= latencyMs - 2, `a reply came ${ms} ms after its request`);
+    }
+    assert.equal(await queue.size("other"), 8);
+    assert.equal(parkedReplied, false, "the long-poll is still parked");
+    await queue.post(["wake"]);
+    const [message] = await parked;
+    assert.equal(message?.body, "wake");
+  } finally {
+    await proxy.close();
+    await Promise.allSettled(requests);
+    await queue.close();
+  }
+});
+
 Deno.test({
   name: "bench smoke run: every measure at tiny sizes, one table",
   ...needs(sshdMissing(), "the bench smoke run"),
@@ -69,8 +125,21 @@ Deno.test({
       "seedPickups",
     ] as const;
     for (const key of measures) assert.ok(results[key], `${key} is measured`);
+    // The far-away queue drains, through the latency proxy, nearest first.
+    assert.deepEqual(
+      results.wanDrains.map((d) => [d.latencyMs, d.count]),
+      [[40, SMOKE_SIZES.wan40], [150, SMOKE_SIZES.wan150]],
+    );
     const rows = tableRows(results);
-    assert.equal(rows.filter((r) => r.verdict !== "").length, 8);
+    assert.equal(rows.filter((r) => r.verdict !== "").length, 10);
+    const wanRows = rows.filter((r) => /ms queue latency$/.test(r.measure));
+    assert.deepEqual(wanRows.map((r) => r.target), [
+      "≥ 0.8× loopback",
+      "≥ 0.6× loopback",
+    ]);
+    for (const row of wanRows) {
+      assert.match(row.figure, /^[\d,]+ msg\/s \([\d.]+× loopback\)$/);
+    }
     for (const row of rows) {
       assert.match(row.figure, /^-?[\d,.]+/, `${row.measure}: ${row.figure}`);
       assert.doesNotMatch(row.figure, /NaN|Infinity/, row.measure);

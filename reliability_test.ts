@@ -25,9 +25,12 @@ import {
   type Collected,
   eventually,
   fastClock,
+  FAULTS,
   mulberry32,
+  type QueueProxy,
   sleep,
   spawnCollecting,
+  startQueueProxy,
   startTestQueue,
   type StoredMessage,
   type TestQueue,
@@ -189,253 +192,14 @@ function pidAlive(pid: number): boolean {
 }
 
 // ---------------------------------------------------------------------------
-// A fault-injecting HTTP proxy (raw TCP, HTTP/1.1 with Content-Length bodies)
+// 1. Queue faults between the worker and the server (test_support's proxy)
 // ---------------------------------------------------------------------------
 
-const FAULTS = [
-  "500",
-  "503",
-  "408",
-  "429",
-  "reset",
-  "cut",
-  "delay",
-  "corrupt",
-] as const;
-type Fault = typeof FAULTS[number];
-
-interface RawRequest {
-  method: string;
-  target: string;
-  headers: Headers;
-  body: Uint8Array<ArrayBuffer>;
-}
-
-interface FaultProxy {
-  port: number;
-  requests: number;
-  faults: Record<Fault, number>;
-  /** Message ids of DELETEs forwarded to the server, with the time they were sent. */
-  deletes: { id: string; at: number }[];
-  close(): Promise<void>;
-}
-
-const encoder = new TextEncoder();
-const decoder = new TextDecoder();
-
-/** Reads requests off a connection, keep-alive included. */
-class RequestReader {
-  #buffer: Uint8Array<ArrayBuffer> = new Uint8Array(0);
-  constructor(private readonly conn: Deno.Conn) {}
-
-  async next(): Promise<RawRequest | undefined> {
-    let end: number;
-    while ((end = headEnd(this.#buffer)) < 0) {
-      if (!(await this.#fill())) return undefined;
-    }
-    const [requestLine, ...fields] = decoder.decode(
-      this.#buffer.subarray(0, end),
-    ).split("\r\n");
-    const [method, target] = requestLine.split(" ");
-    const headers = new Headers();
-    for (const field of fields) {
-      const colon = field.indexOf(":");
-      headers.append(field.slice(0, colon).trim(), field.slice(colon + 1));
-    }
-    if (headers.has("transfer-encoding")) {
-      throw new Error("the proxy only reads Content-Length bodies");
-    }
-    const total = end + 4 + Number(headers.get("content-length") ?? 0);
-    while (this.#buffer.length < total) {
-      if (!(await this.#fill())) return undefined;
-    }
-    const body = this.#buffer.slice(end + 4, total);
-    this.#buffer = this.#buffer.slice(total);
-    return { method, target, headers, body };
-  }
-
-  async #fill(): Promise<boolean> {
-    const chunk = new Uint8Array(64 * 1024);
-    const n = await this.conn.read(chunk).catch(() => null);
-    if (n === null) return false;
-    const joined = new Uint8Array(this.#buffer.length + n);
-    joined.set(this.#buffer);
-    joined.set(chunk.subarray(0, n), this.#buffer.length);
-    this.#buffer = joined;
-    return true;
-  }
-}
-
-function headEnd(bytes: Uint8Array): number {
-  for (let i = 0; i + 3 < bytes.length; i++) {
-    if (
-      bytes[i] === 13 && bytes[i + 1] === 10 && bytes[i + 2] === 13 &&
-      bytes[i + 3] === 10
-    ) {
-      return i;
-    }
-  }
-  return -1;
-}
-
-function httpResponse(status: number, body: string): Uint8Array {
-  const bytes = encoder.encode(body);
-  const head =
-    `HTTP/1.1 ${status} Proxied\r\nContent-Type: application/json\r\n` +
-    `Content-Length: ${bytes.length}\r\n\r\n`;
-  const out = new Uint8Array(head.length + bytes.length);
-  out.set(encoder.encode(head));
-  out.set(bytes, head.length);
-  return out;
-}
-
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let at = 0; at < bytes.length;) {
-    at += await conn.write(bytes.subarray(at));
-  }
-}
-
-/** The message ids a DELETE names: one in the path, or a batch in the body. */
-function deletedIds(request: RawRequest): string[] {
-  if (request.method !== "DELETE") return [];
-  const one = /\/messages\/(\d+)$/.exec(request.target);
-  if (one) return [one[1]];
-  if (!/\/messages$/.test(request.target)) return [];
-  const parsed: { ids?: { id: string }[] } = JSON.parse(
-    decoder.decode(request.body),
-  );
-  return (parsed.ids ?? []).map((item) => item.id);
-}
-
-/** A reply that is not JSON any more: cut short or with a stray byte. */
-function corrupt(body: string, random: () => number): string {
-  return random() < 0.5
-    ? body.slice(0, Math.floor(body.length * random()))
-    : `<${body.slice(1)}`;
-}
-
-/**
- * Forwards to `upstream`; a `rate` share of requests gets one fault: an error
- * status without forwarding, a delay of up to 2 s before forwarding, or, after
- * the server acted, a closed connection (reset), a reply cut mid-body (cut) or
- * a reply that is not JSON (corrupt).
- */
-function startFaultProxy(
-  upstream: string,
-  random: () => number,
-  rate: number,
-): FaultProxy {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const closing = new AbortController();
-  const conns = new Set<Deno.Conn>();
-  const serving = new Set<Promise<void>>();
-  const proxy: FaultProxy = {
-    port: (listener.addr as Deno.NetAddr).port,
-    requests: 0,
-    faults: Object.fromEntries(FAULTS.map((f) => [f, 0])) as Record<
-      Fault,
-      number
-    >,
-    deletes: [],
-    async close() {
-      closing.abort();
-      listener.close();
-      for (const conn of conns) conn.close();
-      await accepting;
-      await Promise.allSettled([...serving]);
-    },
-  };
-
-  // Which requests fail is random; the kinds take turns, so each one occurs.
-  let injected = 0;
-  const pickFault = (): Fault | undefined =>
-    random() < rate ? FAULTS[injected++ % FAULTS.length] : undefined;
-
-  const forward = async (request: RawRequest) => {
-    const headers = new Headers();
-    for (const name of ["content-type", "accept", "authorization"]) {
-      const value = request.headers.get(name);
-      if (value !== null) headers.set(name, value.trim());
-    }
-    const at = Date.now();
-    for (const id of deletedIds(request)) proxy.deletes.push({ id, at });
-    const response = await fetch(`${upstream}${request.target}`, {
-      method: request.method,
-      headers,
-      body: request.body.length > 0 ? request.body : undefined,
-      signal: closing.signal,
-    });
-    return { status: response.status, body: await response.text() };
-  };
-
-  /** The bytes to send back and whether to close after them; undefined: close now. */
-  const answer = async (request: RawRequest) => {
-    proxy.requests++;
-    const fault = pickFault();
-    if (fault !== undefined) proxy.faults[fault]++;
-    if (fault !== undefined && /^\d+$/.test(fault)) {
-      const msg = JSON.stringify({ msg: `injected ${fault}` });
-      return { bytes: httpResponse(Number(fault), msg), close: false };
-    }
-    if (fault === "delay") await sleep(random() * 2_000);
-    const reply = await forward(request);
-    if (fault === "reset") return undefined;
-    if (fault === "cut") {
-      const full = httpResponse(reply.status, reply.body);
-      const bodyStart = full.length - encoder.encode(reply.body).length;
-      const keep = bodyStart + Math.floor((full.length - bodyStart) / 2);
-      return { bytes: full.subarray(0, keep), close: true };
-    }
-    const body = fault === "corrupt" ? corrupt(reply.body, random) : reply.body;
-    return { bytes: httpResponse(reply.status, body), close: false };
-  };
-
-  const serve = async (conn: Deno.Conn) => {
-    const reader = new RequestReader(conn);
-    try {
-      for (;;) {
-        const request = await reader.next();
-        if (request === undefined) return;
-        const reply = await answer(request);
-        if (reply === undefined) return;
-        await writeAll(conn, reply.bytes);
-        if (reply.close) return;
-      }
-    } catch {
-      // the worker went away, or the proxy is closing
-    } finally {
-      conns.delete(conn);
-      try {
-        conn.close();
-      } catch {
-        // closed by close()
-      }
-    }
-  };
-
-  const accepting = (async () => {
-    try {
-      for await (const conn of listener) {
-        conns.add(conn);
-        const done = serve(conn).finally(() => serving.delete(done));
-        serving.add(done);
-      }
-    } catch {
-      // listener closed
-    }
-  })();
-  return proxy;
-}
-
-function faultSummary(proxy: FaultProxy): string {
+function faultSummary(proxy: QueueProxy): string {
   const total = FAULTS.reduce((n, f) => n + proxy.faults[f], 0);
   const kinds = FAULTS.map((f) => `${f}: ${proxy.faults[f]}`).join(", ");
   return `${total} faults injected in ${proxy.requests} requests (${kinds})`;
 }
-
-// ---------------------------------------------------------------------------
-// 1. Queue faults between the worker and the server
-// ---------------------------------------------------------------------------
 
 Deno.test({
   name:
@@ -447,11 +211,9 @@ Deno.test({
       // Reserve replies the proxy drops come back when their 30 s reservation
       // ends: 5 s here, with the server's clock 6 times faster.
       const queue = await startQueue({ now: fastClock(6) });
-      const proxy = startFaultProxy(
-        queue.server.url,
-        mulberry32(rngSeed),
-        0.25,
-      );
+      const proxy = startQueueProxy(queue.server.url, {
+        faults: { random: mulberry32(rngSeed), rate: 0.25 },
+      });
       const command = await recorder(sshd.dir);
       const ids = Array.from({ length: 200 }, (_, i) => `m${i}`);
       const serverIds = await queue.post(argsBodies(ids));
