@@ -1,7 +1,7 @@
 /**
  * The repository's run and log/run under a real runsv and svlogd: the worker is
  * the supervised process, its lines get svlogd's timestamps, `sv term` stops it
- * cleanly.
+ * cleanly, and a bad setting waits for a fix instead of restarting every second.
  */
 import assert from "node:assert/strict";
 import { errorText } from "./mq_server.ts";
@@ -141,6 +141,13 @@ async function withService(
   }
 }
 
+/** svlogd's -tt timestamp at the start of a log line, in ms since the epoch. */
+function loggedAt(line: string): number {
+  const m = /^(\d{4}-\d\d-\d\d)_(\d\d:\d\d:\d\d\.\d{3})\d* /.exec(line);
+  assert.ok(m, `no svlogd timestamp: ${line}`);
+  return Date.parse(`${m[1]}T${m[2]}Z`);
+}
+
 /** The pid `sv status` names for a running service. */
 async function supervisedPid(dir: string): Promise<number> {
   const status = await run("sv", ["status", dir]);
@@ -195,6 +202,52 @@ Deno.test({
           await run("sv", ["term", service.dir]);
           await service.line(/ stopped$/);
           await until("the old worker gone", () => gone(pid));
+        },
+      )
+    ),
+});
+
+Deno.test({
+  name:
+    "runit: a bad setting is logged once, then waits TASKS_RESTART_PAUSE for a fix; sv down ends the wait",
+  ...runitTest,
+  fn: () =>
+    withSshd((sshd) =>
+      withService(
+        sshd,
+        { TASK_CONCURRENCY: "abc", TASKS_RESTART_PAUSE: "60" },
+        async (service) => {
+          const fatal = / FATAL /;
+          const notice = (seconds: number) =>
+            new RegExp(
+              ` run: the worker did not start: fix what the lines above name .*; next try in ${seconds} s \\(env/TASKS_RESTART_PAUSE\\)`,
+            );
+          await service.line(notice(60), 1, 90_000);
+          assert.equal(await service.count(fatal), 1);
+          const log = (await service.lines()).join("\n");
+          assert.match(log, /TASK_CONCURRENCY="abc": must be a whole number/);
+
+          // The wait is the supervised process (exec'd, so no stray sleep);
+          // sv down ends it well inside the 60 s pause.
+          const pid = await supervisedPid(service.dir);
+          assert.deepEqual(await cmdline(pid), ["sleep", "60", ""]);
+          assert.match(
+            await run("sv", ["-w", "10", "down", service.dir]),
+            /^ok: down: /,
+          );
+          assert.ok(await gone(pid), `pid ${pid} (sleep) outlived sv down`);
+          assert.equal(await service.count(fatal), 1);
+
+          // Up again, still bad, with a short pause: fixed during the pause,
+          // it starts at the next try, which comes no sooner than the pause.
+          await service.setting("TASKS_RESTART_PAUSE", "3");
+          await run("sv", ["up", service.dir]);
+          const waiting = await service.line(notice(3));
+          await service.setting("TASK_CONCURRENCY", "2");
+          const started = await service.line(/ worker: queue my_queue at /);
+          assert.equal(await service.count(fatal), 2);
+          const waited = loggedAt(started) - loggedAt(waiting);
+          assert.ok(waited >= 3_000, `started again after ${waited} ms`);
         },
       )
     ),
