@@ -14,6 +14,7 @@ import {
 import type { QueueServerOptions } from "./mq_server.ts";
 import {
   keygen,
+  killChildren,
   needs,
   type Sshd,
   sshdMissing,
@@ -287,6 +288,18 @@ function assertDeletedAfterDone(
 // 2. sshd goes away and comes back
 // ---------------------------------------------------------------------------
 
+/**
+ * Ends sshd as a crash of the server would: every session killed, the listener
+ * gone. Frozen first, because sshd.stop() kills the sessions before the
+ * listener, and a reconnect in between would get a session that outlives it.
+ */
+async function crash(sshd: Sshd): Promise<void> {
+  Deno.kill(sshd.pid, "SIGSTOP");
+  killChildren(sshd.pid);
+  Deno.kill(sshd.pid, "SIGKILL");
+  await sshd.stop();
+}
+
 Deno.test({
   name:
     "reliability: sshd stopped (sessions killed) and restarted on the same port: every message still runs",
@@ -312,10 +325,12 @@ Deno.test({
         const done = byId(await readEvents(dir), "done");
         return done.size >= ids.length / 4;
       });
-      await sshd.stop(); // kills its sessions, then the listener
-      await sleep(1_500);
+      await crash(sshd);
+      // sshd comes back only once the worker has found it gone.
+      await worker.line(/cannot connect: connection refused/);
       sshd = await startSshd({ dir, port });
-      await eventually(
+      await until(
+        "every message done and the queue empty",
         async () => await allDone(dir, ids) && await queue.size() === 0,
         60_000,
       );

@@ -30,7 +30,7 @@ import {
   Worker,
   type WorkerDeps,
 } from "./tasks.ts";
-import { type Env, errorText, type QueueServerOptions } from "./mq_server.ts";
+import { type Env, type QueueServerOptions } from "./mq_server.ts";
 import {
   childPids,
   freePort,
@@ -47,7 +47,6 @@ import {
   fastClock,
   memoryLog,
   mulberry32,
-  REPO,
   spawnCollecting,
   startTestQueue,
   type TestQueue,
@@ -1117,146 +1116,6 @@ Deno.test({
         new RegExp(`^\\[127\\.0\\.0\\.1\\] run: ${command}$`, "m"),
       );
       assert.match(log, /^stopped$/m);
-    }),
-});
-
-// ---------------------------------------------------------------------------
-// runit: the repository's run and log/run under a real runsv and svlogd
-// ---------------------------------------------------------------------------
-
-function runitMissing(): string | undefined {
-  for (
-    const tool of [
-      "/usr/bin/runsv",
-      "/usr/bin/sv",
-      "/usr/bin/svlogd",
-      "/usr/bin/chpst",
-    ]
-  ) {
-    try {
-      Deno.statSync(tool);
-    } catch {
-      return `${tool} not found (apt-get install runit)`;
-    }
-  }
-  if (Deno.uid() !== 0) return "the runit test needs root (run uses chpst -u)";
-  return sshdMissing();
-}
-
-Deno.test({
-  name:
-    "runit: runsv runs the worker, svlogd timestamps its lines, sv term stops it cleanly",
-  ...needs(runitMissing(), "the runit test"),
-  fn: () =>
-    withSshd(async (sshd) => {
-      const base = await Deno.makeTempDir({ prefix: "tasks-runit-" });
-      const name = `tasks-test-${crypto.randomUUID().slice(0, 8)}`;
-      const service = `${base}/${name}`;
-      const logDir = `/var/log/${name}`;
-      await Deno.chmod(base, 0o755);
-      await Deno.mkdir(`${service}/log`, { recursive: true });
-      for (
-        const file of [
-          "run",
-          "log/run",
-          "start",
-          "tasks.ts",
-          "mq_server.ts",
-          "deno.json",
-          "deno.lock",
-        ]
-      ) {
-        await Deno.copyFile(`${REPO}/${file}`, `${service}/${file}`);
-      }
-      await Deno.chmod(sshd.clientKeyFile, 0o644); // the worker runs as sshd.user
-      const command = await recorder(sshd.dir);
-      const settings: Record<string, string> = {
-        TASKS_USER: sshd.user,
-        ...sshEnv(sshd),
-        TASK_COMMAND: command,
-        MQ_PORT: String(freePort()),
-        MQ_DB: ":memory:",
-      };
-      await Deno.mkdir(`${service}/env`, { mode: 0o700 });
-      for (const [key, value] of Object.entries(settings)) {
-        await Deno.writeTextFile(`${service}/env/${key}`, value + "\n");
-      }
-      const runsv = new Deno.Command("runsv", {
-        args: [service],
-        env: { PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin" },
-        clearEnv: true,
-        stdout: "null",
-        stderr: "null",
-      }).spawn();
-      const current = () =>
-        Deno.readTextFile(`${logDir}/current`).catch(() => "");
-      const logLine = async (pattern: RegExp, ms = 30_000) => {
-        let found: string | undefined;
-        try {
-          await until(
-            `svlogd line ${pattern} in ${logDir}/current`,
-            async () =>
-              (found = (await current()).split("\n").find((l) =>
-                pattern.test(l)
-              )) !== undefined,
-            ms,
-          );
-        } catch (e) {
-          throw new Error(`${errorText(e)}; it holds:\n${await current()}`);
-        }
-        return found!;
-      };
-      try {
-        const curlLine = (await logLine(/post a test message: curl /, 90_000))
-          .replace(/^.*post a test message: /, "");
-        await run("sh", ["-c", curlLine]);
-        const out = await logLine(/\[127\.0\.0\.1\] out: ran with 0 args$/);
-        assert.match(
-          out,
-          /^\d{4}-\d\d-\d\d_\d\d:\d\d:\d\d\.\d{5} \[127\.0\.0\.1\] out: /,
-        );
-        const status = await run("sv", ["status", service]);
-        assert.match(status, /^run: /);
-        const pid = Number(/\(pid (\d+)\)/.exec(status)?.[1]);
-        // The supervised process is the worker itself: deno running tasks.ts as the user.
-        const cmdline = (await Deno.readTextFile(`/proc/${pid}/cmdline`)).split(
-          "\0",
-        );
-        assert.ok(
-          cmdline[0].endsWith("deno") &&
-            cmdline.some((a) => a.endsWith("/tasks.ts")),
-          cmdline.join(" "),
-        );
-        const owner = (await Deno.stat(`/proc/${pid}`)).uid;
-        assert.equal(
-          owner,
-          Number((await run("id", ["-u", sshd.user])).trim()),
-        );
-
-        await run("sv", ["term", service]);
-        await logLine(/ stopped$/);
-        await until(
-          "the old worker gone",
-          async () =>
-            !(await Deno.stat(`/proc/${pid}`).then(() => true, () => false)),
-        );
-      } finally {
-        await new Deno.Command("sv", { args: ["-w", "15", "down", service] })
-          .output();
-        await new Deno.Command("sv", {
-          args: ["exit", service, `${service}/log`],
-        }).output();
-        const ended = await Promise.race([
-          runsv.status.then(() => true),
-          new Promise((r) => setTimeout(() => r(false), 15_000)),
-        ]);
-        if (!ended) {
-          runsv.kill("SIGKILL");
-          await runsv.status;
-        }
-        await Deno.remove(base, { recursive: true });
-        await Deno.remove(logDir, { recursive: true }).catch(() => {});
-      }
     }),
 });
 
