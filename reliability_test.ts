@@ -29,6 +29,7 @@ import {
   FAULTS,
   mulberry32,
   type QueueProxy,
+  REPO,
   sleep,
   spawnCollecting,
   startQueueProxy,
@@ -793,3 +794,106 @@ async function runEmbedded(
   assert.match(lines.join("\n"), /OAuth \$MQ_TOKEN/);
   return lines;
 }
+
+// ---------------------------------------------------------------------------
+// Hostile input and a log reader that stops (the worker-core issue)
+// ---------------------------------------------------------------------------
+
+Deno.test({
+  name:
+    "reliability: control characters from remote output and message args reach the log escaped, never raw",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const queue = await startQueue();
+      const forged = `x\r[127.0.0.1] exit: 0`;
+      const args = ["a\x1b[31mred", forged, "nel\u0085ls\u2028end", "vt\v"];
+      await queue.post([JSON.stringify({ args })]);
+      const worker = spawnWorker(
+        workerEnv(sshd, queue.server.url, {
+          // Raw NUL and ESC from the remote side too, then the args echoed.
+          TASK_COMMAND: `printf 'nul\\000esc\\033[2J\\n'; printf '%s\\n'`,
+        }),
+      );
+      try {
+        await worker.line(/exit: 0 \(message/);
+      } finally {
+        await worker.stop();
+        await queue.close();
+      }
+      const log = worker.lines.join("\n");
+      assert.match(log, /\[127\.0\.0\.1\] out: nul\\x00esc\\x1b\[2J$/m);
+      assert.match(log, /\[127\.0\.0\.1\] out: a\\x1b\[31mred$/m);
+      assert.match(log, /\[127\.0\.0\.1\] out: x\\r\[127\.0\.0\.1\] exit: 0$/m);
+      assert.match(log, /out: nel\\x85ls\\u2028end$/m);
+      for (const line of worker.lines) {
+        // deno-lint-ignore no-control-regex -- looking for raw control characters
+        const raw = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]/.exec(line);
+        assert.equal(
+          raw,
+          null,
+          `a raw control character in ${JSON.stringify(line)}`,
+        );
+      }
+    }),
+});
+
+Deno.test({
+  name:
+    "reliability: when nothing reads the worker's output, it still runs and deletes messages, stops on SIGTERM, and counts the lines it dropped",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const queue = await startQueue();
+      // Each message prints ~4 MB: far more than a pipe and the log's buffer hold.
+      await queue.post(["one", "two", "three"]);
+      const child = new Deno.Command("deno", {
+        args: ["run", "--allow-all", "tasks.ts"],
+        env: workerEnv(sshd, queue.server.url, {
+          TASK_COMMAND:
+            "yes 'a line of output that nobody is reading just now' | head -n 80000",
+        }),
+        cwd: REPO,
+        clearEnv: true,
+        stdin: "null",
+        stdout: "piped",
+        stderr: "null",
+      }).spawn();
+      let exited = false;
+      child.status.then(() => exited = true);
+      let output = "";
+      try {
+        await until(
+          "all three deleted while stdout is not read",
+          async () =>
+            (await queue.info()).total_messages === 3 &&
+            (await queue.size()) === 0,
+          60_000,
+        );
+        // Reading again lets the writer go on: the count of what it dropped comes first.
+        const reading = (async () => {
+          const decoder = new TextDecoder();
+          for await (const chunk of child.stdout) {
+            output += decoder.decode(chunk, { stream: true });
+          }
+        })();
+        await until("the dropped lines counted", () =>
+          /WARN log: \d+ line\(s\) dropped: stdout was not being read/.test(
+            output,
+          ), 30_000);
+        child.kill("SIGTERM");
+        await until("stopped by SIGTERM", () =>
+          exited, 15_000);
+        await reading;
+      } finally {
+        if (!exited) {
+          child.kill("SIGKILL");
+          await child.status;
+          await child.stdout.cancel().catch(() => {});
+        }
+        await queue.close();
+      }
+      assert.equal((await child.status).code, 0);
+      assert.match(output, /^stopped$/m);
+    }),
+});

@@ -62,7 +62,11 @@ async function main(): Promise<number> {
   let server: QueueServer | undefined;
   if (config.embedded) {
     try {
-      server = await startQueueServer(config.embedded);
+      // Its own lines (listening, a client that hung up, a full disk) join the log.
+      server = await startQueueServer({
+        ...config.embedded,
+        log: (line) => log.info(line),
+      });
     } catch (e) {
       log.error(
         `cannot start the embedded queue server: ${errorText(e)}${
@@ -73,7 +77,6 @@ async function main(): Promise<number> {
       return 1;
     }
     config.queue.baseUrl = server.url;
-    log.info(`embedded IronMQ server listening on ${server.url}`);
     log.info(`post a test message: ${curlExample(config.queue)}`);
   }
 
@@ -534,7 +537,7 @@ class Settler {
       );
       return await this.release(
         held,
-        Math.max(60, this.task.retryDelaySeconds),
+        releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
         "dead-letter queue unavailable",
       );
     }

@@ -11,6 +11,7 @@ import {
   fingerprint,
   formatRecord,
   hostFieldMatches,
+  IronMqClient,
   keyTypeOfBlob,
   knownKeyAlgorithms,
   LineSplitter,
@@ -20,7 +21,9 @@ import {
   parseKnownHosts,
   permissionFlags,
   planCommand,
+  QueueError,
   realClock,
+  ReplyTooLarge,
   type RunIo,
   type RunResult,
   Secrets,
@@ -1403,4 +1406,289 @@ Deno.test("worker: a delete refused because the reservation expired is logged as
     h.log.lines.join("\n"),
     /WARN message 1: the command succeeded but the delete did not: its reservation had expired/,
   );
+});
+
+// ---------------------------------------------------------------------------
+// Hostile input and failures (the worker-core issue)
+// ---------------------------------------------------------------------------
+
+Deno.test("worker: a body that starts like JSON but does not parse runs nothing and is dead-lettered with the reason", async () => {
+  const h = await harness();
+  const runner = new FakeRunner(() => exit(0));
+  const w = startWorker(h, runner);
+  const bodies = ['{"args":["--dry-run"],}', "{'args': ['--dry-run']}"];
+  try {
+    await h.post(bodies);
+    await until(
+      "both dead-lettered",
+      async () => (await h.peek("jobs_failed")).length === 2,
+    );
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.deepEqual(runner.commands, [], "nothing ran without its --dry-run");
+    const records = (await h.peek("jobs_failed")).map((m) =>
+      JSON.parse(m.body)
+    );
+    assert.deepEqual(records.map((r) => r.body).sort(), [...bodies].sort());
+    for (const record of records) {
+      assert.match(record.reason, /starts like JSON but is not valid JSON/);
+    }
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: a message too large for its dead-letter record is dead-lettered whole: its body verbatim, then the record naming it", async () => {
+  const h = await harness();
+  const runner = new FakeRunner(() => exit(1));
+  const w = startWorker(h, runner, { maxAttempts: 1 });
+  // 240 KB of quotes fits one webhook post (the raw body), but escaped twice
+  // inside a record it is ~960 KB: over the queue's 256 KiB per request.
+  const body = '"'.repeat(240_000);
+  try {
+    const posted = await fetch(
+      `${h.server.url}/3/projects/test/queues/jobs/webhook`,
+      { method: "POST", body },
+    );
+    assert.equal(posted.status, 201);
+    await posted.body?.cancel();
+    await until(
+      "the body and its record in jobs_failed",
+      async () => (await h.peek("jobs_failed")).length === 2,
+    );
+    await until("gone from jobs", async () => (await h.info()).size === 0);
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 1, "ran once, never again");
+    const [verbatim, recordMessage] = await h.peek("jobs_failed");
+    assert.equal(verbatim.body, body);
+    const record = JSON.parse(recordMessage.body);
+    assert.equal(record.body_message_id, verbatim.id);
+    assert.equal(record.body, undefined);
+    assert.equal(record.reason, "exit status 1");
+    assert.equal(record.attempts, 1);
+    assert.match(h.log.lines.join("\n"), /its body verbatim as message/);
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: a message whose dead-letter record cannot be written stays queued, counts its attempts and never runs again", async () => {
+  const h = await harness();
+  const refuse = () =>
+    Promise.reject(new QueueError("HTTP 413 (Request too large)", 413, false));
+  // The real client, but the dead-letter queue refuses every record.
+  const queue = Object.assign(Object.create(h.client) as IronMqClient, {
+    post: refuse,
+    postVerbatim: refuse,
+  });
+  const runner = new FakeRunner(() => exit(1));
+  const w = startWorker(h, runner, { maxAttempts: 2 }, { queue });
+  try {
+    await h.post(["fails every time"]);
+    await until(
+      "reserved three more times after its last attempt, without running",
+      () =>
+        h.log.lines.filter((l) => /not run again: its 2 attempt/.test(l))
+          .length >= 3,
+    );
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 2, "ran its 2 attempts, no more");
+    assert.equal((await h.info()).size, 1, "kept in the queue, not lost");
+    assert.match(
+      h.log.lines.join("\n"),
+      /cannot record it in jobs_failed .*where it will not run again/,
+    );
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("log format: control characters from output and messages are shown escaped, never raw", () => {
+  const record = {
+    category: ["tasks"],
+    level: "info" as const,
+    message: [
+      "",
+      "[h] out: a\x1b[2Kb\rc\0d\ve\u0085f\u2028g\u202eh\ti\x7fj",
+      "",
+    ],
+    rawMessage: "",
+    timestamp: 0,
+    properties: {},
+  };
+  const line = formatRecord(record, new Secrets([]));
+  assert.equal(
+    line,
+    "[h] out: a\\x1b[2Kb\\rc\\x00d\\x0be\\x85f\\u2028g\\u202eh\ti\\x7fj",
+  );
+  // deno-lint-ignore no-control-regex -- looking for raw control characters
+  assert.doesNotMatch(line, /[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]/);
+});
+
+Deno.test("lines: a secret is masked before a long line is cut, so no cut leaves half of it", () => {
+  const secret = "s3cr3t-token-value";
+  for (const chunkSize of [1, 3, 7, 64]) {
+    for (let at = 0; at < 20; at++) {
+      const pieces: string[] = [];
+      const splitter = new LineSplitter(
+        (l) => pieces.push(l),
+        16,
+        new Secrets([secret]),
+      );
+      const text = `${"x".repeat(at)}${secret}${"y".repeat(40)}\n`;
+      const bytes = new TextEncoder().encode(text);
+      for (let i = 0; i < bytes.length; i += chunkSize) {
+        splitter.push(bytes.subarray(i, i + chunkSize));
+      }
+      splitter.end();
+      const shown = pieces.join("\n");
+      for (const half of [secret.slice(0, 9), secret.slice(9)]) {
+        assert.ok(
+          !shown.includes(half),
+          `chunks of ${chunkSize}, secret at ${at}: ${JSON.stringify(pieces)}`,
+        );
+      }
+      assert.ok(pieces.every((p) => p.length <= 16 + secret.length));
+    }
+  }
+});
+
+Deno.test("queue client: a reply larger than its limit is not read whole", async () => {
+  let sent = 0;
+  const chunk = new Uint8Array(1024 * 1024).fill(0x20);
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () =>
+      new Response(
+        new ReadableStream({
+          pull(controller) {
+            // 400 MB of white space, made only as fast as it is read.
+            if (sent >= 400 * chunk.length) return controller.close();
+            sent += chunk.length;
+            controller.enqueue(chunk);
+          },
+        }),
+        { headers: { "content-type": "application/json" } },
+      ),
+  );
+  try {
+    const client = new IronMqClient({
+      baseUrl: `http://127.0.0.1:${server.addr.port}`,
+      projectId: "p",
+      queueName: "q",
+    });
+    await assert.rejects(
+      client.reserve(100, 60, 0),
+      (e) => e instanceof ReplyTooLarge && /over \d+ bytes/.test(e.message),
+    );
+    assert.ok(sent < 64 * chunk.length, `the server sent ${sent} bytes`);
+  } finally {
+    await server.shutdown();
+  }
+});
+
+/**
+ * A TCP relay to sshd that can turn into a black hole: after `freeze()`, the
+ * connections open then stay open but carry nothing (a dead route, a NAT that
+ * forgot them); new connections still go through.
+ */
+function startRelay(targetPort: number) {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns: Deno.Conn[] = [];
+  const frozen = new Set<Deno.Conn>();
+  const pipe = async (from: Deno.Conn, to: Deno.Conn) => {
+    const buffer = new Uint8Array(64 * 1024);
+    try {
+      for (;;) {
+        const n = await from.read(buffer);
+        if (n === null) break;
+        if (!frozen.has(from)) await to.write(buffer.subarray(0, n));
+      }
+    } catch {
+      // closed
+    }
+  };
+  const accepting = (async () => {
+    for await (const client of listener) {
+      const server = await Deno.connect({
+        hostname: "127.0.0.1",
+        port: targetPort,
+      });
+      conns.push(client, server);
+      pipe(client, server);
+      pipe(server, client);
+    }
+  })().catch(() => {});
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    freeze: () => conns.forEach((c) => frozen.add(c)),
+    async close() {
+      listener.close();
+      for (const c of conns) {
+        try {
+          c.close();
+        } catch {
+          // already closed
+        }
+      }
+      await accepting;
+    },
+  };
+}
+
+Deno.test({
+  name:
+    "ssh: a connection that silently stops forwarding is noticed within about 15 s, and the next command runs",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const relay = startRelay(sshd.port);
+      await Deno.writeTextFile(
+        sshd.knownHostsFile,
+        sshd.knownHostsLine.replace(`]:${sshd.port} `, `]:${relay.port} `) +
+          "\n",
+        { append: true },
+      );
+      const log = memoryLog();
+      const pool = poolFor(sshd, log, { SSH_PORT: String(relay.port) });
+      const shared = await Deno.makeTempDir();
+      await Deno.chmod(shared, 0o777); // the remote user writes the marker
+      const marker = `${shared}/started`;
+      try {
+        await pool.ready(AbortSignal.timeout(10_000));
+        const running = runCollect(pool, `touch ${marker}; sleep 60`);
+        await until("the command started", async () => {
+          try {
+            await Deno.stat(marker);
+            return true;
+          } catch {
+            return false;
+          }
+        });
+        relay.freeze();
+        const frozenAt = Date.now();
+        const { result } = await running;
+        const noticedAfter = Date.now() - frozenAt;
+        assert.equal(result.kind, "ssh-error");
+        assert.ok(
+          noticedAfter < 20_000,
+          `noticed after ${noticedAfter} ms (keepalive: about 15 s at most)`,
+        );
+        const next = await runCollect(pool, "echo back");
+        assert.deepEqual(next.result, { kind: "exit", code: 0 });
+        assert.equal(next.stdout, "back\n");
+      } finally {
+        pool.close();
+        await relay.close();
+        await Deno.remove(shared, { recursive: true });
+      }
+    }),
 });
