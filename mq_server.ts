@@ -857,24 +857,15 @@ type JsonObject = Record<string, unknown>;
 async function readBody(request: Request): Promise<string> {
   const declared = Number(request.headers.get("content-length") ?? 0);
   if (declared > MAX_REQUEST_BYTES) throw tooLarge();
-  if (!request.body) return "";
-  // Each chunk is a view into a 64 KiB read buffer: kept as they come, a body
-  // sent a byte per packet would hold 64 KiB per byte. Copied into one buffer,
-  // memory follows the bytes received.
-  const body = new ArrayBuffer(0, { maxByteLength: MAX_REQUEST_BYTES });
+  let body: Uint8Array | undefined;
   try {
-    for await (const chunk of request.body) {
-      const size = body.byteLength;
-      if (size + chunk.byteLength > MAX_REQUEST_BYTES) throw tooLarge();
-      body.resize(size + chunk.byteLength);
-      new Uint8Array(body).set(chunk, size);
-    }
-  } catch (error) {
-    if (error instanceof ApiError) throw error;
+    body = await readAtMost(request.body, MAX_REQUEST_BYTES);
+  } catch {
     // The body stream fails only when the connection does.
     throw new ClientGone();
   }
-  return new TextDecoder().decode(new Uint8Array(body));
+  if (body === undefined) throw tooLarge();
+  return new TextDecoder().decode(body);
 }
 
 function tooLarge(): ApiError {
@@ -1605,4 +1596,23 @@ export function isLoopback(host: string): boolean {
 /** An IPv6 address as a URL or Deno permission wants it: `[::1]`. */
 export function bracketIPv6(host: string): string {
   return host.includes(":") && !host.startsWith("[") ? `[${host}]` : host;
+}
+
+/**
+ * A stream's bytes, or undefined (the stream cancelled) past `maxBytes`. Each
+ * chunk is copied: chunks are views into 64 KiB read buffers, so a body sent a
+ * byte per packet, kept as it came, would hold 64 KiB per byte.
+ */
+export async function readAtMost(
+  stream: ReadableStream<Uint8Array> | null,
+  maxBytes: number,
+): Promise<Uint8Array | undefined> {
+  const buffer = new ArrayBuffer(0, { maxByteLength: maxBytes });
+  for await (const chunk of stream ?? []) {
+    const size = buffer.byteLength;
+    if (size + chunk.byteLength > maxBytes) return undefined; // cancels it
+    buffer.resize(size + chunk.byteLength);
+    new Uint8Array(buffer).set(chunk, size);
+  }
+  return new Uint8Array(buffer);
 }

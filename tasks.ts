@@ -35,6 +35,7 @@ import {
   type QueueServer,
   type QueueServerOptions,
   queueServerOptionsFromEnv,
+  readAtMost,
   startQueueServer,
 } from "./mq_server.ts";
 
@@ -1001,7 +1002,7 @@ export const realClock: Clock = {
     }),
 };
 
-export interface RetryOptions {
+interface RetryOptions {
   /** The first wait, in ms; each later one doubles, up to `maxDelayMs`. */
   minDelayMs: number;
   maxDelayMs: number;
@@ -1114,9 +1115,9 @@ function settledOrAborted(
 // ---------------------------------------------------------------------------
 
 /** sshd passes the command to `sh -c` as one argument: stay under Linux's 128 KiB limit. */
-export const MAX_COMMAND_BYTES = 100_000;
+const MAX_COMMAND_BYTES = 100_000;
 
-export type CommandPlan =
+type CommandPlan =
   | { ok: true; command: string; args: string[] }
   | { ok: false; reason: string };
 
@@ -1272,7 +1273,7 @@ export function formatRecord(record: LogRecord, secrets: Secrets): string {
  * everything: touches (so a running message goes to another worker) and
  * signals (so runit could not stop the worker).
  */
-export class StdoutLines {
+class StdoutLines {
   private queued: Uint8Array[] = [];
   private queuedBytes = 0;
   private dropped = 0;
@@ -1413,10 +1414,10 @@ class Tail {
 // Configuration: the environment (and iron.json) in, every problem named
 // ---------------------------------------------------------------------------
 
-export type HostKeyPolicy = "yes" | "accept-new";
-export type LogLevelName = "debug" | "info" | "warning" | "error";
+type HostKeyPolicy = "yes" | "accept-new";
+type LogLevelName = "debug" | "info" | "warning" | "error";
 
-export interface QueueConfig {
+interface QueueConfig {
   /** scheme://host:port of the IronMQ API, no trailing slash. */
   baseUrl: string;
   projectId: string;
@@ -1424,7 +1425,7 @@ export interface QueueConfig {
   queueName: string;
 }
 
-export interface SshConfig {
+interface SshConfig {
   host: string;
   port: number;
   user: string;
@@ -1461,7 +1462,7 @@ export interface Config {
 }
 
 /** An iron.json file found on disk, as read (path for error messages). */
-export interface IronJsonFile {
+interface IronJsonFile {
   path: string;
   text: string;
 }
@@ -1783,7 +1784,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
 }
 
 /** Reads iron.json (or .iron.json) from the working directory, then home. */
-export function readIronJsonFiles(cwd: string, home: string): IronJsonFile[] {
+function readIronJsonFiles(cwd: string, home: string): IronJsonFile[] {
   const found: IronJsonFile[] = [];
   for (const path of ironJsonPaths(cwd, home)) {
     const text = readTextIfExists(path);
@@ -1793,7 +1794,7 @@ export function readIronJsonFiles(cwd: string, home: string): IronJsonFile[] {
 }
 
 /** The iron.json files the configuration may read, found or not. */
-export function ironJsonPaths(cwd: string, home: string): string[] {
+function ironJsonPaths(cwd: string, home: string): string[] {
   const paths = [cwd, home].flatMap((dir) =>
     ["iron.json", ".iron.json"].map((name) => `${dir}/${name}`)
   );
@@ -1810,7 +1811,7 @@ function readTextIfExists(path: string): string | undefined {
 }
 
 /** The curl line that posts a test message; a token is shown as $MQ_TOKEN, never its value. */
-export function curlExample(queue: QueueConfig): string {
+function curlExample(queue: QueueConfig): string {
   const url =
     `${queue.baseUrl}/3/projects/${queue.projectId}/queues/${queue.queueName}/messages`;
   const auth = queue.token === undefined
@@ -1940,7 +1941,7 @@ function printPermissions(env: Env): number {
 // IronMQ client (plain fetch)
 // ---------------------------------------------------------------------------
 
-export interface QueueMessage {
+interface QueueMessage {
   id: string;
   body: string;
   reserved_count: number;
@@ -1969,7 +1970,7 @@ export class ReplyTooLarge extends QueueError {}
 const MAX_RESERVE_REPLY_BYTES = 16 * 1024 * 1024;
 const MAX_REPLY_BYTES = 1024 * 1024;
 
-export interface DeleteItem {
+interface DeleteItem {
   id: string;
   reservation_id: string;
 }
@@ -2157,21 +2158,6 @@ export class IronMqClient {
   }
 }
 
-/** A stream's bytes, or undefined (and the stream cancelled) past `maxBytes`. */
-async function readAtMost(
-  stream: ReadableStream<Uint8Array> | null,
-  maxBytes: number,
-): Promise<Uint8Array | undefined> {
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of stream ?? []) {
-    size += chunk.byteLength;
-    if (size > maxBytes) return undefined; // leaving the loop cancels the stream
-    chunks.push(chunk);
-  }
-  return Buffer.concat(chunks, size);
-}
-
 function serverMessage(text: string): string {
   try {
     const parsed: unknown = JSON.parse(text);
@@ -2207,7 +2193,7 @@ function parseReserved(value: unknown): QueueMessage[] {
 }
 
 /** The IronMQ calls the worker makes. */
-export type QueueApi = Pick<
+type QueueApi = Pick<
   IronMqClient,
   | "ensureQueue"
   | "reserve"
@@ -2223,14 +2209,14 @@ export type QueueApi = Pick<
 // known_hosts (OpenSSH format, hashed entries too)
 // ---------------------------------------------------------------------------
 
-export interface KnownHost {
+interface KnownHost {
   marker?: "@revoked" | "@cert-authority";
   hosts: string;
   keyType: string;
   key: Uint8Array;
 }
 
-export type HostKeyVerdict = "match" | "mismatch" | "unknown" | "revoked";
+type HostKeyVerdict = "match" | "mismatch" | "unknown" | "revoked";
 
 export function parseKnownHosts(text: string): KnownHost[] {
   const entries: KnownHost[] = [];
@@ -2255,7 +2241,7 @@ export function parseKnownHosts(text: string): KnownHost[] {
 }
 
 /** The name OpenSSH looks up: `host`, or `[host]:port` off port 22. */
-export function knownHostsName(host: string, port: number): string {
+function knownHostsName(host: string, port: number): string {
   return port === 22 ? host : `[${host}]:${port}`;
 }
 
@@ -2357,7 +2343,7 @@ export interface CommandRunner {
   close(): void;
 }
 
-export interface SshCredentials {
+interface SshCredentials {
   privateKey?: Uint8Array;
   passphrase?: string;
   agent?: string;
@@ -2382,7 +2368,7 @@ export function loadSshCredentials(ssh: SshConfig): SshCredentials {
 }
 
 /** Why a key file's bytes cannot log in, or undefined when they can. */
-export function keyProblem(
+function keyProblem(
   bytes: Uint8Array,
   passphrase: string | undefined,
 ): string | undefined {
