@@ -1437,6 +1437,8 @@ interface SshConfig {
   strictHostKeyChecking: HostKeyPolicy;
   connectTimeoutMs: number;
   channelsPerConnection: number;
+  /** The key file's bytes, once the configuration has read and checked them. */
+  privateKey?: Uint8Array;
 }
 
 export interface TaskConfig {
@@ -1718,7 +1720,9 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   if (ssh.keyFile !== undefined && context.readKey !== undefined) {
     let problem: string | undefined;
     try {
-      problem = keyProblem(context.readKey(ssh.keyFile), ssh.passphrase);
+      const bytes = context.readKey(ssh.keyFile);
+      problem = keyProblem(bytes, ssh.passphrase);
+      if (problem === undefined) ssh.privateKey = bytes; // read and parsed once
     } catch (e) {
       problem = `cannot read it (${errorText(e)})`;
     }
@@ -2349,9 +2353,13 @@ interface SshCredentials {
   agent?: string;
 }
 
-/** Reads and checks the key at start, so a bad key stops the worker before it reserves anything. */
+/** The key as the configuration read and checked it, or read and checked now: a bad key stops the worker before it reserves anything. */
 export function loadSshCredentials(ssh: SshConfig): SshCredentials {
   if (ssh.keyFile === undefined) return { agent: ssh.agentSocket };
+  if (ssh.privateKey !== undefined) {
+    const { privateKey, passphrase, agentSocket: agent } = ssh;
+    return { privateKey, passphrase, agent };
+  }
   let privateKey: Uint8Array;
   try {
     privateKey = Deno.readFileSync(ssh.keyFile);
