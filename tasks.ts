@@ -670,7 +670,7 @@ const MAX_PREFETCH_CHARS = 32 * 1024 * 1024;
 
 /**
  * Keeps reserved messages ready for the processors. It asks for what they
- * take in two of the queue's round trips (at least one waiting for each),
+ * take in three of the queue's round trips (at least one waiting for each),
  * never more than they start within a quarter of the reservation timeout,
  * with several reserves in flight while the queue has more. A message that
  * waits is kept reserved by touching.
@@ -773,7 +773,7 @@ class Fetcher {
     if (this.readyChars >= MAX_PREFETCH_CHARS) return 0;
     const concurrency = this.task.concurrency;
     const perMs = this.takeRate();
-    const forRoundTrips = concurrency + Math.ceil(2 * perMs * this.roundTrip());
+    const forRoundTrips = concurrency + Math.ceil(3 * perMs * this.roundTrip());
     const withinReservation = Math.floor(
       perMs * this.task.reservationTimeoutSeconds * 250,
     );
