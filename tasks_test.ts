@@ -34,7 +34,11 @@ import {
   Worker,
   type WorkerDeps,
 } from "./tasks.ts";
-import { type Env, type QueueServerOptions } from "./mq_server.ts";
+import {
+  type Env,
+  type QueueServerOptions,
+  startQueueServer,
+} from "./mq_server.ts";
 import {
   childPids,
   freePort,
@@ -1740,4 +1744,52 @@ Deno.test("retry: bad options are named with their values; it stops on a signal,
   await assert.rejects(stopped, /stopped by the caller/);
   assert.equal(calls, 1, "no try after the signal");
   assert.ok(waits[0] >= 30_000 && waits[0] <= 60_000);
+});
+
+Deno.test({
+  name:
+    "end to end: a busy port and a locked database name the settings that get past them",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      const port = (taken.addr as Deno.NetAddr).port;
+      const dir = await Deno.makeTempDir();
+      const db = `${dir}/queue.sqlite`;
+      const holder = await startQueueServer({ port: 0, dbPath: db });
+      try {
+        const busy = spawnCollecting(
+          "deno",
+          ["run", "--allow-all", "tasks.ts"],
+          {
+            ...workerEnv(sshd, { MQ_PORT: String(port) }),
+          },
+        );
+        assert.equal((await busy.child.status).code, 1);
+        await busy.stop();
+        const said = busy.lines.join("\n");
+        assert.match(said, new RegExp(`MQ_PORT=${port + 1}`));
+        assert.match(
+          said,
+          new RegExp(
+            `IRON_HOST=127\\.0\\.0\\.1 IRON_PORT=${port} IRON_SCHEME=http`,
+          ),
+        );
+        const locked = spawnCollecting(
+          "deno",
+          ["run", "--allow-all", "tasks.ts"],
+          { ...workerEnv(sshd, { MQ_DB: db }) },
+        );
+        assert.equal((await locked.child.status).code, 1);
+        await locked.stop();
+        assert.match(
+          locked.lines.join("\n"),
+          /Another queue server holds .*queue\.sqlite.*MQ_DB=/,
+        );
+      } finally {
+        taken.close();
+        await holder.close();
+        await Deno.remove(dir, { recursive: true });
+      }
+    }),
 });
