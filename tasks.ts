@@ -25,6 +25,7 @@ import { userInfo } from "node:os";
 // @ts-types="@types/ssh2"
 import { Client, type ClientChannel, utils as sshUtils } from "ssh2";
 import { configure, getLogger, type LogRecord } from "@logtape/logtape";
+import { parse as parseYaml } from "yaml";
 import {
   bracketIPv6,
   type Env,
@@ -117,9 +118,14 @@ async function main(): Promise<number> {
   Deno.addSignalListener("SIGTERM", onSignal);
   Deno.addSignalListener("SIGINT", onSignal);
 
+  const catalog = config.task.catalog;
+  const runs = catalog === undefined
+    ? `command: ${config.task.command}`
+    : `tasks from ${catalog.path}: ${[...catalog.tasks.keys()].join(", ")}`;
   log.info(
-    `worker: queue ${config.queue.queueName} at ${config.queue.baseUrl}, ssh ${config.ssh.user}@${config.ssh.host}:${config.ssh.port}, command: ${config.task.command}, concurrency ${config.task.concurrency}`,
+    `worker: queue ${config.queue.queueName} at ${config.queue.baseUrl}, ssh ${config.ssh.user}@${config.ssh.host}:${config.ssh.port}, ${runs}, concurrency ${config.task.concurrency}`,
   );
+  for (const warning of config.warnings) log.warn(warning);
   try {
     await worker.run(stop.signal);
   } finally {
@@ -177,6 +183,22 @@ interface Held {
   attempt: number;
   /** Touches the reservation while the message waits and runs. */
   keeper?: Keeper;
+  /** What the message says of itself (task, Celery id, reply queue), once read. */
+  meta?: MessageMeta;
+  /** Its task's max_attempts (else TASK_MAX_ATTEMPTS), once read. */
+  maxAttempts?: number;
+  /** The worker's secrets and the message's secret parameters. */
+  secrets?: Secrets;
+  /** The run, for the result. */
+  run?: RunRecord;
+}
+
+interface RunRecord {
+  startedAt: number;
+  finishedAt: number;
+  result: RunResult;
+  stdout: Tail;
+  stderr: Tail;
 }
 
 /** What went wrong on the last run, for the log and the dead-letter record. */
@@ -192,6 +214,7 @@ export class Worker {
   /** How to stop each running command (grace period over, or a second signal). */
   private readonly running = new Set<AbortController>();
   private readonly hardStop = new AbortController();
+  private readonly attempts: AttemptCounter;
 
   constructor(
     private readonly task: TaskConfig,
@@ -200,7 +223,8 @@ export class Worker {
     queueName: string,
   ) {
     const attempts = new AttemptCounter();
-    this.settler = new Settler(task, deps, queueName, attempts);
+    this.settler = new Settler(task, deps, host, queueName, attempts);
+    this.attempts = attempts;
     this.fetcher = new Fetcher(
       task,
       deps,
@@ -249,36 +273,74 @@ export class Worker {
    * One message, start to end, as in tasks.py: run its command, then delete it
    * (success), release it for a retry (failure, or no run at all), or move it
    * to the dead-letter queue (attempts used up, or a body that can never run).
-   * The settler does the queue calls, so the processor moves on at once.
+   * The settler does the queue calls (and posts the result, when the message
+   * asks for one), so the processor moves on at once.
    */
   private async processOne(held: Held): Promise<void> {
     const { log, clock } = this.deps;
     const id = held.message.id;
-    const plan = planCommand(this.task.command, held.message.body);
-    if (!plan.ok) {
-      log.error(`message ${id}: will not run anything: ${plan.reason}`);
-      return this.settler.deadLetter(held, { reason: plan.reason });
+    const plan = planMessage(
+      held.message.body,
+      this.task.catalog,
+      this.task.command,
+      clock.now(),
+    );
+    held.meta = plan.meta;
+    const named = plan.meta.task === undefined ? "" : ` (${plan.meta.task})`;
+    switch (plan.kind) {
+      case "reject":
+        log.error(
+          `message ${id}${named}: will not run anything: ${plan.reason}`,
+        );
+        return this.settler.deadLetter(
+          held,
+          { reason: plan.reason },
+          "REJECTED",
+        );
+      case "revoke":
+        log.warn(`message ${id}${named}: revoked: ${plan.reason}`);
+        return this.settler.revoke(held, plan.reason);
+      case "hold": {
+        const seconds = Math.ceil((plan.untilMs - clock.now()) / 1000);
+        log.info(
+          `message ${id}${named}: held back until its eta, ${
+            new Date(plan.untilMs).toISOString()
+          }`,
+        );
+        // IronMQ delays a release by at most 7 days: a later eta takes several.
+        return this.settler.notRun(held, Math.min(604_800, seconds), "its eta");
+      }
     }
-    if (held.attempt > this.task.maxAttempts) {
-      // Its last attempt failed on an earlier reservation, but the dead-letter
-      // queue could not take it then: record it now, without running it again.
+    held.attempt += plan.meta.priorRetries;
+    held.maxAttempts = plan.task?.maxAttempts ?? this.task.maxAttempts;
+    held.secrets = (this.deps.secrets ?? new Secrets([])).with(plan.secrets);
+    const owed = this.attempts.owedRecord(id);
+    if (owed !== undefined) {
+      // Its last attempt failed here, but the dead-letter queue could not
+      // take it then: record it now, without running it again.
       log.warn(
-        `message ${id}: not run again: its ${this.task.maxAttempts} attempt(s) are used up (TASK_MAX_ATTEMPTS)`,
+        `message ${id}${named}: not run again: its attempts are used up and the dead-letter queue has yet to take it`,
       );
-      return this.settler.deadLetter(held, {
-        reason:
-          `its ${this.task.maxAttempts} attempt(s) were used up; the dead-letter queue could not take it at first`,
-      });
+      return this.settler.deadLetter(held, { reason: owed }, "FAILURE");
     }
 
     const prefix = `[${this.host}]`;
-    log.info(`${prefix} run: ${plan.command}`);
-    log.debug(`message ${id}: attempt ${held.attempt}`);
-    const started = clock.now();
-    const { result, stderrTail } = await this.execute(plan.command);
-    const took = `${clock.now() - started} ms`;
+    log.info(`${prefix} run: ${held.secrets.mask(plan.command)}`);
+    log.debug(`message ${id}${named}: attempt ${held.attempt}`);
+    const run = await this.execute(
+      plan.command,
+      plan.task?.timeoutMs ?? this.task.timeoutMs,
+      held.secrets,
+    );
+    held.run = run;
+    const { result } = run;
+    const took = `${run.finishedAt - run.startedAt} ms`;
     const failed = (reason: string, exitStatus: number | string) =>
-      this.settler.failed(held, { reason, exitStatus, stderrTail });
+      this.settler.failed(held, {
+        reason,
+        exitStatus,
+        stderrTail: run.stderr.toString().slice(-2048),
+      });
 
     switch (result.kind) {
       case "exit":
@@ -294,9 +356,16 @@ export class Worker {
         );
         return failed(`killed by signal ${result.signal}`, result.signal);
       case "timeout": {
-        const limit = `${this.task.timeoutMs / 1000} s`;
+        const limit = `${
+          (plan.task?.timeoutMs ?? this.task.timeoutMs) / 1000
+        } s`;
         log.warn(`${prefix} timed out after ${limit}: stopped (message ${id})`);
-        return failed(`timed out after ${limit} (TASK_TIMEOUT)`, "timeout");
+        return failed(
+          `timed out after ${limit} (${
+            plan.task ? "its timeout" : "TASK_TIMEOUT"
+          })`,
+          "timeout",
+        );
       }
       case "aborted":
         log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
@@ -314,18 +383,24 @@ export class Worker {
   /** Runs a command, logging its output line by line as Fabric did. */
   private async execute(
     command: string,
-  ): Promise<{ result: RunResult; stderrTail: string }> {
-    const { log, secrets } = this.deps;
+    timeoutMs: number,
+    secrets: Secrets,
+  ): Promise<RunRecord> {
+    const { log, clock } = this.deps;
     const prefix = `[${this.host}]`;
-    const stderrTail = new Tail();
+    const stdout = new Tail();
+    const stderr = new Tail();
     const out = new LineSplitter(
-      (line) => log.info(`${prefix} out: ${line}`),
+      (line) => {
+        stdout.add(line);
+        log.info(`${prefix} out: ${line}`);
+      },
       undefined,
       secrets,
     );
     const err = new LineSplitter(
       (line) => {
-        stderrTail.add(line);
+        stderr.add(line);
         log.info(`${prefix} err: ${line}`);
       },
       undefined,
@@ -334,16 +409,17 @@ export class Worker {
     const controller = new AbortController();
     if (this.hardStop.signal.aborted) controller.abort();
     this.running.add(controller);
+    const startedAt = clock.now();
     try {
       const result = await this.deps.runner.run(command, {
         onStdout: (chunk) => out.push(chunk),
         onStderr: (chunk) => err.push(chunk),
-        timeoutMs: this.task.timeoutMs,
+        timeoutMs,
         signal: controller.signal,
       });
       out.end();
       err.end();
-      return { result, stderrTail: stderrTail.toString() };
+      return { startedAt, finishedAt: clock.now(), result, stdout, stderr };
     } finally {
       this.running.delete(controller);
     }
@@ -380,6 +456,8 @@ export class Worker {
 // path; shutdown waits for them
 // ---------------------------------------------------------------------------
 
+type Status = "SUCCESS" | "FAILURE" | "REJECTED" | "REVOKED";
+
 class Settler {
   private readonly pending = new Set<Promise<void>>();
   private readonly deletes: DeleteBatcher;
@@ -387,6 +465,7 @@ class Settler {
   constructor(
     private readonly task: TaskConfig,
     private readonly deps: WorkerDeps,
+    private readonly host: string,
     private readonly queueName: string,
     private readonly attempts: AttemptCounter,
   ) {
@@ -395,13 +474,19 @@ class Settler {
 
   /** The command succeeded. */
   delete(held: Held): void {
-    this.track(held, this.deleteDone(held));
+    this.track(held, this.finish(held, "SUCCESS"));
+  }
+
+  /** Expired before it ran (Celery's `expires`): deleted, never run. */
+  revoke(held: Held, reason: string): void {
+    this.track(held, this.finish(held, "REVOKED", reason));
   }
 
   /** The command failed: a retry later, or the dead-letter queue after the last attempt. */
   failed(held: Held, failure: Failure): void {
-    if (held.attempt >= this.task.maxAttempts) {
-      return this.deadLetter(held, failure);
+    const maxAttempts = held.maxAttempts ?? this.task.maxAttempts;
+    if (held.attempt >= maxAttempts) {
+      return this.deadLetter(held, failure, "FAILURE");
     }
     const delay = releaseDelaySeconds(
       held.attempt,
@@ -412,19 +497,23 @@ class Settler {
       this.release(
         held,
         delay,
-        `${failure.reason}, attempt ${held.attempt} of ${this.task.maxAttempts}`,
+        `${failure.reason}, attempt ${held.attempt} of ${maxAttempts}`,
       ),
     );
   }
 
-  /** Nothing ran (SSH failed, or a stop): back to the queue, not counted as an attempt. */
+  /** Nothing ran (SSH failed, a stop, an eta to come): back to the queue, not counted as an attempt. */
   notRun(held: Held, delaySeconds: number, why: string): void {
     this.attempts.notRun(held.message.id);
     this.track(held, this.release(held, delaySeconds, why));
   }
 
-  deadLetter(held: Held, failure: Failure): void {
-    this.track(held, this.recordDeadLetter(held, failure));
+  deadLetter(
+    held: Held,
+    failure: Failure,
+    status: "FAILURE" | "REJECTED",
+  ): void {
+    this.track(held, this.recordDeadLetter(held, failure, status));
   }
 
   async idle(): Promise<void> {
@@ -441,8 +530,21 @@ class Settler {
     this.pending.add(tracked);
   }
 
-  private async deleteDone(held: Held): Promise<void> {
+  /** Posts the result (when one is asked for), then deletes the message. */
+  private async finish(
+    held: Held,
+    status: Status,
+    reason?: string,
+  ): Promise<void> {
     await held.keeper?.stop();
+    if (!await this.postResult(held, status, reason)) {
+      // Never zero results: the message goes back, and may run twice.
+      return await this.release(
+        held,
+        releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
+        `its ${status} result could not be posted; it MAY RUN TWICE`,
+      );
+    }
     const id = held.message.id;
     this.attempts.forget(id);
     const outcome = await this.deletes.delete({
@@ -461,8 +563,68 @@ class Settler {
       ? "its reservation had expired, so another worker may have it: it MAY RUN TWICE (not rerun here)"
       : "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE";
     this.deps.log.warn(
-      `message ${id}: the command succeeded but the delete did not: ${why}`,
+      `message ${id}: ${
+        status === "SUCCESS" ? "the command succeeded but " : ""
+      }the delete did not: ${why}`,
     );
+  }
+
+  /**
+   * The result of a message's final outcome, to its `reply_to` queue or
+   * TASK_RESULTS_QUEUE; true when posted, or when none is asked for.
+   */
+  private async postResult(
+    held: Held,
+    status: Status,
+    reason?: string,
+  ): Promise<boolean> {
+    const { queue, clock, log } = this.deps;
+    const to = held.meta?.replyTo ?? this.task.resultsQueue;
+    if (to === undefined) return true;
+    const mask = this.maskerFor(held);
+    const run = held.run;
+    const hosts: Record<string, unknown> = {};
+    if (run !== undefined) {
+      hosts[this.host] = {
+        exit_status: run.result.kind === "exit" ? run.result.code : null,
+        signal: run.result.kind === "signal" ? run.result.signal : null,
+        duration_ms: run.finishedAt - run.startedAt,
+        stdout: mask(run.stdout.toString()),
+        stderr: mask(run.stderr.toString()),
+        truncated: {
+          stdout: run.stdout.truncated,
+          stderr: run.stderr.truncated,
+        },
+      };
+    }
+    const result = {
+      message_id: held.message.id,
+      task_id: held.meta?.taskId ?? null,
+      task: held.meta?.task ?? null,
+      status,
+      hosts,
+      attempts: held.attempt,
+      started_at: run ? new Date(run.startedAt).toISOString() : null,
+      finished_at: new Date(run?.finishedAt ?? clock.now()).toISOString(),
+      reason: reason === undefined ? null : mask(reason),
+    };
+    try {
+      await queueCall(() => queue.post(to, [JSON.stringify(result)]), clock);
+      log.debug(`message ${held.message.id}: result ${status} posted to ${to}`);
+      return true;
+    } catch (e) {
+      log.error(
+        `message ${held.message.id}: cannot post its ${status} result to ${to} (${
+          errorText(e)
+        })`,
+      );
+      return false;
+    }
+  }
+
+  private maskerFor(held: Held): (text: string) => string {
+    const secrets = held.secrets ?? this.deps.secrets;
+    return (text) => secrets?.mask(text) ?? text;
   }
 
   private async release(
@@ -490,28 +652,35 @@ class Settler {
   }
 
   /**
-   * Records the message in the dead-letter queue, then deletes it. A record
-   * too large for the queue (the body is escaped once more inside it) goes as
-   * two messages: the body verbatim, then the record naming it. If nothing can
-   * be recorded, the message is released and, its attempts used up, never runs
-   * again: the next reservation tries the record again.
+   * Records the message in the dead-letter queue, posts its result, then
+   * deletes it. A record too large for the queue (the body is escaped once
+   * more inside it) goes as two messages: the body verbatim, then the record
+   * naming it. If nothing can be recorded, the message is released and, when
+   * this worker reserves it again, not run again: the record is tried anew.
    */
-  private async recordDeadLetter(held: Held, failure: Failure): Promise<void> {
+  private async recordDeadLetter(
+    held: Held,
+    failure: Failure,
+    status: "FAILURE" | "REJECTED",
+  ): Promise<void> {
     await held.keeper?.stop();
     const { message } = held;
     const { queue, clock, log } = this.deps;
     const dlq = this.task.deadLetterQueue;
+    const mask = this.maskerFor(held);
     const record = {
       queue: this.queueName,
       id: message.id,
+      task: held.meta?.task,
+      task_id: held.meta?.taskId,
       body: message.body as string | undefined,
       body_message_id: undefined as string | undefined,
       attempts: held.attempt,
-      reason: failure.reason,
+      reason: mask(failure.reason),
       exit_status: failure.exitStatus,
       stderr_tail: failure.stderrTail === undefined
         ? undefined
-        : this.deps.secrets?.mask(failure.stderrTail) ?? failure.stderrTail,
+        : mask(failure.stderrTail),
       failed_at: new Date(clock.now()).toISOString(),
     };
     let where = dlq;
@@ -536,6 +705,7 @@ class Settler {
           errorText(e)
         }); keeping it in ${this.queueName}, where it will not run again`,
       );
+      if (status === "FAILURE") this.attempts.owe(message.id, failure.reason);
       return await this.release(
         held,
         releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
@@ -543,9 +713,11 @@ class Settler {
       );
     }
     log.error(
-      `message ${message.id}: moved to ${where} after ${held.attempt} attempt(s): ${failure.reason}`,
+      `message ${message.id}: moved to ${where} after ${held.attempt} attempt(s): ${
+        mask(failure.reason)
+      }`,
     );
-    await this.deleteDone(held);
+    await this.finish(held, status, failure.reason);
   }
 }
 
@@ -635,7 +807,20 @@ function outcomeOf(e: unknown): DeleteOutcome {
  */
 class AttemptCounter {
   private readonly notRuns = new Map<string, number>();
+  /** Messages whose last attempt failed here but could not be dead-lettered: why. */
+  private readonly owed = new Map<string, string>();
   constructor(private readonly max = 10_000) {}
+
+  owe(id: string, reason: string): void {
+    this.owed.set(id, reason);
+    if (this.owed.size > this.max) {
+      this.owed.delete(this.owed.keys().next().value!);
+    }
+  }
+
+  owedRecord(id: string): string | undefined {
+    return this.owed.get(id);
+  }
 
   attemptOf(message: QueueMessage): number {
     return Math.max(
@@ -655,6 +840,7 @@ class AttemptCounter {
 
   forget(id: string): void {
     this.notRuns.delete(id);
+    this.owed.delete(id);
   }
 }
 
@@ -1134,8 +1320,16 @@ export function shellQuote(arg: string): string {
  * would drop the arguments its sender asked for (a `--dry-run`, say).
  */
 export function planCommand(baseCommand: string, body: string): CommandPlan {
-  const args = parseArgs(body);
-  if (!Array.isArray(args)) return { ok: false, reason: args.reason };
+  const parsed = parseJsonBody(body);
+  if (parsed === undefined) return withArgs(baseCommand, []);
+  if ("reason" in parsed) return { ok: false, reason: parsed.reason };
+  const args = argsOf(parsed.object);
+  return Array.isArray(args)
+    ? withArgs(baseCommand, args)
+    : { ok: false, reason: args.reason };
+}
+
+function withArgs(baseCommand: string, args: string[]): CommandPlan {
   const command = [baseCommand, ...args.map(shellQuote)].join(" ");
   const bytes = new TextEncoder().encode(command).length;
   if (bytes > MAX_COMMAND_BYTES) {
@@ -1148,9 +1342,12 @@ export function planCommand(baseCommand: string, body: string): CommandPlan {
   return { ok: true, command, args };
 }
 
-function parseArgs(body: string): string[] | { reason: string } {
+/** A body that starts like JSON, parsed: an object, or why not; undefined for plain text. */
+function parseJsonBody(
+  body: string,
+): { object: Record<string, unknown> } | { reason: string } | undefined {
   const text = body.replace(/^\uFEFF/, "").trim();
-  if (!text.startsWith("{") && !text.startsWith("[")) return [];
+  if (!text.startsWith("{") && !text.startsWith("[")) return undefined;
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);
@@ -1164,12 +1361,19 @@ function parseArgs(body: string): string[] | { reason: string } {
   if (!isRecord(parsed)) {
     return { reason: `a JSON body must be an object: {"args": ["..."]}` };
   }
+  return { object: parsed };
+}
+
+/** `{"args": [strings]}` and nothing else. */
+function argsOf(
+  parsed: Record<string, unknown>,
+): string[] | { reason: string } {
   const extra = Object.keys(parsed).filter((k) => k !== "args");
   if (extra.length > 0) {
     return {
       reason: `unknown field(s) ${
         extra.map((k) => JSON.stringify(k)).join(", ")
-      } in a JSON body: only "args" is allowed`,
+      } in a JSON body: only "args" is allowed (or "task" and its fields, with a catalog)`,
     };
   }
   const args = parsed.args;
@@ -1192,6 +1396,663 @@ function parseArgs(body: string): string[] | { reason: string } {
     }
   }
   return args;
+}
+
+/** Who sent a message and where its result goes, as far as the message says. */
+export interface MessageMeta {
+  task?: string;
+  /** Celery's `id`, kept as the result's `task_id`. */
+  taskId?: string;
+  replyTo?: string;
+  /** Celery's `retries`: attempts made before this message was sent. */
+  priorRetries: number;
+}
+
+/** What one message asks for, read against the catalog (if any). */
+export type MessagePlan =
+  | {
+    kind: "run";
+    command: string;
+    task?: TaskSpec;
+    /** Values of secret parameters, masked wherever the message shows. */
+    secrets: string[];
+    meta: MessageMeta;
+  }
+  | { kind: "reject"; reason: string; meta: MessageMeta }
+  | { kind: "hold"; untilMs: number; meta: MessageMeta }
+  | { kind: "revoke"; reason: string; meta: MessageMeta };
+
+/** Celery's message fields that this worker reads, and those it accepts and ignores. */
+const CELERY_FIELDS = [
+  "id",
+  "task",
+  "args",
+  "kwargs",
+  "retries",
+  "eta",
+  "expires",
+  "reply_to",
+];
+const CELERY_IGNORED = [
+  "utc",
+  "callbacks",
+  "errbacks",
+  "timelimit",
+  "taskset",
+  "chord",
+  "group",
+];
+
+/**
+ * The plan for a body: plain text runs the catalog's default task (or
+ * TASK_COMMAND with no catalog); `{"args": [...]}` fills the default task's
+ * parameters (or follows TASK_COMMAND); a Celery message (`{"task": ...}`)
+ * runs that task of the catalog, once its `eta` has come and unless its
+ * `expires` has passed.
+ */
+export function planMessage(
+  body: string,
+  catalog: Catalog | undefined,
+  baseCommand: string,
+  nowMs: number,
+): MessagePlan {
+  const meta: MessageMeta = { priorRetries: 0 };
+  const reject = (reason: string): MessagePlan => ({
+    kind: "reject",
+    reason,
+    meta,
+  });
+  const run = (
+    task: TaskSpec,
+    args: unknown[],
+    kwargs: Record<string, unknown>,
+  ): MessagePlan => {
+    const bound = bindParams(task, args, kwargs);
+    return bound.ok
+      ? {
+        kind: "run",
+        command: bound.command,
+        task,
+        secrets: bound.secrets,
+        meta,
+      }
+      : reject(bound.reason);
+  };
+  const defaultTask = () => {
+    if (catalog?.defaultTask === undefined) return undefined;
+    meta.task = catalog.defaultTask;
+    return catalog.tasks.get(catalog.defaultTask)!;
+  };
+  const noDefault = () =>
+    reject(
+      `${
+        catalog!.path
+      } names no default task for a body without "task": send {"task": "<name>", ...} (tasks: ${
+        [...catalog!.tasks.keys()].join(", ")
+      }), or set default: in the catalog`,
+    );
+
+  const parsed = parseJsonBody(body);
+  if (parsed !== undefined && "reason" in parsed) return reject(parsed.reason);
+  if (parsed === undefined || !("task" in parsed.object)) {
+    const args = parsed === undefined ? [] : argsOf(parsed.object);
+    if (!Array.isArray(args)) return reject(args.reason);
+    if (catalog === undefined) {
+      const plan = withArgs(baseCommand, args);
+      return plan.ok
+        ? { kind: "run", command: plan.command, secrets: [], meta }
+        : reject(plan.reason);
+    }
+    const task = defaultTask();
+    return task === undefined ? noDefault() : run(task, args, {});
+  }
+
+  const message = parsed.object;
+  const unknown = Object.keys(message).filter((k) =>
+    !CELERY_FIELDS.includes(k) && !CELERY_IGNORED.includes(k)
+  );
+  if (typeof message.id === "string") meta.taskId = message.id;
+  if (typeof message.task === "string") meta.task = message.task;
+  if (typeof message.reply_to === "string") {
+    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(message.reply_to)) {
+      return reject(
+        `"reply_to" must be a queue name (letters, digits, '_', '-', '.')`,
+      );
+    }
+    meta.replyTo = message.reply_to;
+  }
+  if (unknown.length > 0) {
+    return reject(
+      `unknown field(s) ${
+        unknown.map((k) => JSON.stringify(k)).join(", ")
+      } in a task message`,
+    );
+  }
+  if (typeof message.task !== "string") {
+    return reject(`"task" must be a task name (a string)`);
+  }
+  if (message.id !== undefined && typeof message.id !== "string") {
+    return reject(`"id" must be a string`);
+  }
+  if (
+    message.reply_to !== undefined && message.reply_to !== null &&
+    meta.replyTo === undefined
+  ) {
+    return reject(`"reply_to" must be a queue name`);
+  }
+  const retries = message.retries ?? 0;
+  if (!(Number.isInteger(retries) && (retries as number) >= 0)) {
+    return reject(`"retries" must be a whole number from 0 up`);
+  }
+  meta.priorRetries = retries as number;
+  const args = message.args ?? [];
+  if (!Array.isArray(args)) return reject(`"args" must be a list`);
+  const kwargs = message.kwargs ?? {};
+  if (!isRecord(kwargs)) return reject(`"kwargs" must be an object`);
+  const times: Record<"eta" | "expires", number | undefined> = {
+    eta: undefined,
+    expires: undefined,
+  };
+  for (const field of ["eta", "expires"] as const) {
+    const value = message[field];
+    if (value === undefined || value === null) continue;
+    const ms = typeof value === "string" ? Date.parse(value) : NaN;
+    if (Number.isNaN(ms)) {
+      return reject(
+        `"${field}" must be an ISO 8601 time, such as 2026-11-27T15:00:00Z`,
+      );
+    }
+    times[field] = ms;
+  }
+  if (catalog === undefined) {
+    return reject(
+      `named tasks need a catalog: set TASKS_FILE, or put tasks.yaml where the worker starts`,
+    );
+  }
+  const task = catalog.tasks.get(message.task);
+  if (task === undefined) {
+    return reject(
+      `unknown task ${JSON.stringify(message.task)} (${catalog.path} has: ${
+        [...catalog.tasks.keys()].join(", ")
+      })`,
+    );
+  }
+  if (times.expires !== undefined && times.expires <= nowMs) {
+    return {
+      kind: "revoke",
+      reason: `expired at ${
+        new Date(times.expires).toISOString()
+      } before it ran`,
+      meta,
+    };
+  }
+  const plan = run(task, args, kwargs);
+  if (plan.kind === "run" && times.eta !== undefined && times.eta > nowMs) {
+    return { kind: "hold", untilMs: times.eta, meta };
+  }
+  return plan;
+}
+
+// ---------------------------------------------------------------------------
+// Named tasks: a catalog of allowed commands with typed parameters (TASKS_FILE)
+// ---------------------------------------------------------------------------
+
+type ParamType = "string" | "integer" | "number" | "boolean";
+type ParamValue = string | number | boolean;
+
+export interface ParamSpec {
+  name: string;
+  type: ParamType;
+  required: boolean;
+  default?: ParamValue;
+  /** Masked in every log line and result, as the token is. */
+  secret: boolean;
+  enum?: string[];
+  /** Matched against the whole value. */
+  pattern?: RegExp;
+  maxLength?: number;
+  min?: number;
+  max?: number;
+  /** A string starting with "-" is refused unless allowed: quoting stops the shell, not a command reading it as an option. */
+  allowDash: boolean;
+  description?: string;
+}
+
+export interface TaskSpec {
+  name: string;
+  command: string;
+  params: ParamSpec[];
+  /** 0 means no limit. */
+  timeoutMs: number;
+  maxAttempts: number;
+  description?: string;
+}
+
+export interface Catalog {
+  path: string;
+  tasks: Map<string, TaskSpec>;
+  /** What a plain-text body runs. */
+  defaultTask?: string;
+}
+
+const PLACEHOLDER = /\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}/g;
+const PARAM_TYPES: ParamType[] = ["string", "integer", "number", "boolean"];
+
+/**
+ * Pure: a catalog's YAML (1.2, so JSON too) in, the catalog and its warnings
+ * out; or a ConfigError naming every problem by file, task and field.
+ */
+export function parseCatalog(
+  path: string,
+  text: string,
+  defaults: { timeoutMs: number; maxAttempts: number },
+): { catalog: Catalog; warnings: string[] } {
+  const problems: string[] = [];
+  const warnings: string[] = [];
+  const at = (where: string, what: string) => `${path}: ${where}: ${what}`;
+  let root: unknown;
+  try {
+    root = parseYaml(text, { version: "1.2" });
+  } catch (e) {
+    throw new ConfigError([`${path}: not valid YAML: ${errorText(e)}`]);
+  }
+  if (!isRecord(root)) {
+    throw new ConfigError([
+      `${path}: must be a mapping with "tasks:" (see tasks.example.yaml)`,
+    ]);
+  }
+  for (const key of Object.keys(root)) {
+    if (key !== "tasks" && key !== "default") {
+      problems.push(at(key, `unknown key (expected "tasks" or "default")`));
+    }
+  }
+  const tasks = new Map<string, TaskSpec>();
+  if (!isRecord(root.tasks) || Object.keys(root.tasks).length === 0) {
+    problems.push(at("tasks", "must map task names to their commands"));
+  } else {
+    for (const [name, value] of Object.entries(root.tasks)) {
+      const task = parseTask(
+        name,
+        value,
+        defaults,
+        (where, what) => problems.push(at(`tasks.${name}${where}`, what)),
+      );
+      if (task === undefined) continue;
+      tasks.set(name, task);
+      const used = new Set(
+        [...task.command.matchAll(PLACEHOLDER)].map((m) => m[1]),
+      );
+      for (const param of task.params) {
+        if (!used.has(param.name)) {
+          warnings.push(
+            at(
+              `tasks.${name}.params.${param.name}`,
+              `declared but never used in the command`,
+            ),
+          );
+        }
+      }
+    }
+  }
+  let defaultTask: string | undefined;
+  if (root.default !== undefined) {
+    if (typeof root.default !== "string" || !tasks.has(root.default)) {
+      if (tasks.size > 0 || typeof root.default !== "string") {
+        problems.push(at("default", `must name one of the tasks`));
+      }
+    } else if (tasks.get(root.default)!.params.some((p) => p.required)) {
+      problems.push(
+        at(
+          "default",
+          `task ${root.default} has required parameters, which a plain-text body cannot give`,
+        ),
+      );
+    } else {
+      defaultTask = root.default;
+    }
+  }
+  if (problems.length > 0) throw new ConfigError(problems);
+  return { catalog: { path, tasks, defaultTask }, warnings };
+}
+
+type Complain = (where: string, what: string) => void;
+
+function parseTask(
+  name: string,
+  value: unknown,
+  defaults: { timeoutMs: number; maxAttempts: number },
+  complain: Complain,
+): TaskSpec | undefined {
+  if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name)) {
+    complain("", "a task name is 1 to 64 letters, digits, '_', '-' or '.'");
+  }
+  if (!isRecord(value)) {
+    complain("", `must be a mapping with "command:"`);
+    return undefined;
+  }
+  const known = ["command", "params", "timeout", "max_attempts", "description"];
+  for (const key of Object.keys(value)) {
+    if (!known.includes(key)) {
+      complain(`.${key}`, `unknown field (known: ${known.join(", ")})`);
+    }
+  }
+  const command = value.command;
+  if (typeof command !== "string" || command.trim() === "") {
+    complain(".command", "must be the command line to run (a string)");
+  }
+  const params: ParamSpec[] = [];
+  if (value.params !== undefined && value.params !== null) {
+    if (!isRecord(value.params)) {
+      complain(".params", "must map parameter names to their rules");
+    } else {
+      for (const [pname, rules] of Object.entries(value.params)) {
+        const param = parseParam(
+          pname,
+          rules,
+          (where, what) => complain(`.params.${pname}${where}`, what),
+        );
+        if (param) params.push(param);
+      }
+    }
+  }
+  if (typeof command === "string") {
+    const declared = new Set(params.map((p) => p.name));
+    for (const [, used] of command.matchAll(PLACEHOLDER)) {
+      if (!declared.has(used)) {
+        complain(
+          ".command",
+          `{{${used}}} has no parameter: declare it under params`,
+        );
+      }
+    }
+  }
+  const timeout = value.timeout;
+  if (
+    timeout !== undefined &&
+    !(typeof timeout === "number" && timeout >= 0 && timeout <= 86400)
+  ) {
+    complain(".timeout", "must be seconds from 0 (no limit) to 86400");
+  }
+  const maxAttempts = value.max_attempts;
+  if (
+    maxAttempts !== undefined &&
+    !(Number.isInteger(maxAttempts) && (maxAttempts as number) >= 1 &&
+      (maxAttempts as number) <= 1000)
+  ) {
+    complain(".max_attempts", "must be a whole number from 1 to 1000");
+  }
+  if (typeof command !== "string") return undefined;
+  return {
+    name,
+    command,
+    params,
+    timeoutMs: typeof timeout === "number"
+      ? timeout * 1000
+      : defaults.timeoutMs,
+    maxAttempts: typeof maxAttempts === "number"
+      ? maxAttempts
+      : defaults.maxAttempts,
+    description: typeof value.description === "string"
+      ? value.description
+      : undefined,
+  };
+}
+
+function parseParam(
+  name: string,
+  rules: unknown,
+  complain: Complain,
+): ParamSpec | undefined {
+  if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
+    complain(
+      "",
+      "a parameter name is a letter or '_', then letters, digits or '_'",
+    );
+    return undefined;
+  }
+  if (rules === null || rules === undefined) rules = {};
+  if (!isRecord(rules)) {
+    complain("", "must be a mapping of rules ({} for a plain string)");
+    return undefined;
+  }
+  const known = [
+    "type",
+    "enum",
+    "pattern",
+    "max_length",
+    "min",
+    "max",
+    "required",
+    "default",
+    "secret",
+    "allow_dash",
+    "description",
+  ];
+  for (const key of Object.keys(rules)) {
+    if (!known.includes(key)) {
+      complain(`.${key}`, `unknown rule (known: ${known.join(", ")})`);
+    }
+  }
+  const type = rules.type ?? "string";
+  if (!PARAM_TYPES.includes(type as ParamType)) {
+    complain(".type", `must be one of ${PARAM_TYPES.join(", ")}`);
+    return undefined;
+  }
+  const param: ParamSpec = {
+    name,
+    type: type as ParamType,
+    required: true,
+    secret: false,
+    allowDash: false,
+  };
+  const flag = (key: "required" | "secret" | "allow_dash") => {
+    const v = rules[key];
+    if (v !== undefined && typeof v !== "boolean") {
+      complain(`.${key}`, "must be true or false");
+    }
+    return v === true ? true : v === false ? false : undefined;
+  };
+  param.secret = flag("secret") ?? false;
+  param.allowDash = flag("allow_dash") ?? false;
+  const stringOnly = (key: string) => {
+    if (rules[key] !== undefined && param.type !== "string") {
+      complain(`.${key}`, `applies to strings only (this is ${param.type})`);
+      return false;
+    }
+    return rules[key] !== undefined;
+  };
+  if (stringOnly("enum")) {
+    const values = rules.enum;
+    if (
+      !Array.isArray(values) || values.length === 0 ||
+      !values.every((v) => typeof v === "string")
+    ) {
+      complain(".enum", "must be a list of strings");
+    } else param.enum = values as string[];
+  }
+  if (stringOnly("pattern")) {
+    try {
+      param.pattern = new RegExp(`^(?:${rules.pattern})$`, "u");
+      if (typeof rules.pattern !== "string") throw new Error("not a string");
+    } catch (e) {
+      complain(".pattern", `must be a regular expression (${errorText(e)})`);
+    }
+  }
+  if (stringOnly("max_length")) {
+    const v = rules.max_length;
+    if (!(Number.isInteger(v) && (v as number) >= 1)) {
+      complain(".max_length", "must be a whole number from 1 up");
+    } else param.maxLength = v as number;
+  }
+  for (const key of ["min", "max"] as const) {
+    if (rules[key] === undefined) continue;
+    if (param.type !== "integer" && param.type !== "number") {
+      complain(`.${key}`, `applies to integer and number only`);
+    } else if (typeof rules[key] !== "number") {
+      complain(`.${key}`, "must be a number");
+    } else param[key] = rules[key] as number;
+  }
+  if (
+    param.min !== undefined && param.max !== undefined && param.min > param.max
+  ) {
+    complain(".min", `is over max (${param.max})`);
+  }
+  const required = flag("required");
+  if (rules.default !== undefined) {
+    if (required === true) {
+      complain(".required", "a parameter with a default is not required");
+    }
+    const problem = valueProblem(param, rules.default);
+    if (problem) complain(".default", problem);
+    else param.default = rules.default as ParamValue;
+    param.required = false;
+  } else {
+    param.required = required ?? true;
+  }
+  if (typeof rules.description === "string") {
+    param.description = rules.description;
+  }
+  return param;
+}
+
+/** Why `value` does not fit the parameter, or undefined when it does. */
+function valueProblem(param: ParamSpec, value: unknown): string | undefined {
+  switch (param.type) {
+    case "string": {
+      if (typeof value !== "string") {
+        return `must be a string, not ${kindOf(value)}`;
+      }
+      if (value.includes("\0")) {
+        return "contains a NUL byte, which no shell can pass";
+      }
+      if (!value.isWellFormed()) {
+        return "is not well-formed Unicode (lone surrogate)";
+      }
+      if (value.startsWith("-") && !param.allowDash) {
+        return `starts with "-", which the command could read as an option (the catalog may set allow_dash: true)`;
+      }
+      if (param.enum && !param.enum.includes(value)) {
+        return `must be one of ${param.enum.join(", ")}`;
+      }
+      if (param.pattern && !param.pattern.test(value)) {
+        return `must match ${param.pattern.source.slice(4, -2)}`;
+      }
+      if (
+        param.maxLength !== undefined && [...value].length > param.maxLength
+      ) {
+        return `is longer than ${param.maxLength} characters`;
+      }
+      return undefined;
+    }
+    case "integer":
+    case "number": {
+      if (typeof value !== "number" || !Number.isFinite(value)) {
+        return `must be a${
+          param.type === "integer" ? "n integer" : " number"
+        }, not ${kindOf(value)}`;
+      }
+      if (param.type === "integer" && !Number.isInteger(value)) {
+        return "must be a whole number";
+      }
+      if (param.min !== undefined && value < param.min) {
+        return `must be at least ${param.min}`;
+      }
+      if (param.max !== undefined && value > param.max) {
+        return `must be at most ${param.max}`;
+      }
+      return undefined;
+    }
+    case "boolean":
+      return typeof value === "boolean"
+        ? undefined
+        : `must be true or false, not ${kindOf(value)}`;
+  }
+}
+
+function kindOf(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "a list";
+  return typeof value === "object"
+    ? "an object"
+    : `${typeof value} ${JSON.stringify(value)}`;
+}
+
+export type Binding =
+  | {
+    ok: true;
+    command: string;
+    values: Record<string, ParamValue>;
+    /** The values of secret parameters, to mask. */
+    secrets: string[];
+  }
+  | { ok: false; reason: string };
+
+/**
+ * Fills a task's parameters, `args` in declaration order and `kwargs` by
+ * name, checks every value, and puts each into the command shell-quoted.
+ */
+export function bindParams(
+  task: TaskSpec,
+  args: unknown[],
+  kwargs: Record<string, unknown>,
+): Binding {
+  const fail = (reason: string): Binding => ({
+    ok: false,
+    reason: `task ${task.name}: ${reason}`,
+  });
+  if (args.length > task.params.length) {
+    return fail(
+      `${args.length} args for ${task.params.length} parameter(s) (${
+        task.params.map((p) => p.name).join(", ") || "none"
+      })`,
+    );
+  }
+  const given = new Map<string, unknown>();
+  args.forEach((value, i) => given.set(task.params[i].name, value));
+  for (const [name, value] of Object.entries(kwargs)) {
+    if (!task.params.some((p) => p.name === name)) {
+      return fail(`unknown parameter ${JSON.stringify(name)}`);
+    }
+    if (given.has(name)) {
+      return fail(`parameter ${name} given both in args and in kwargs`);
+    }
+    given.set(name, value);
+  }
+  const values: Record<string, ParamValue> = {};
+  const secrets: string[] = [];
+  for (const param of task.params) {
+    let value = given.get(param.name);
+    if (value === undefined) {
+      if (param.required) return fail(`parameter ${param.name} is required`);
+      if (param.default === undefined) continue;
+      value = param.default;
+    }
+    const problem = valueProblem(param, value);
+    if (problem) {
+      // A secret's value is never shown, not even in the reason.
+      return fail(
+        param.secret
+          ? `parameter ${param.name} (secret, value not shown) ${
+            problem.replace(/ not .*$/, "")
+          }`
+          : `parameter ${param.name}: ${JSON.stringify(value)} ${problem}`,
+      );
+    }
+    values[param.name] = value as ParamValue;
+    if (param.secret) secrets.push(String(value));
+  }
+  const command = task.command.replace(
+    PLACEHOLDER,
+    (_, name: string) =>
+      name in values ? shellQuote(String(values[name])) : "''",
+  );
+  const bytes = new TextEncoder().encode(command).length;
+  if (bytes > MAX_COMMAND_BYTES) {
+    return fail(
+      `the command with its parameters is ${bytes} bytes, over the ${MAX_COMMAND_BYTES}-byte limit`,
+    );
+  }
+  return { ok: true, command, values, secrets };
 }
 
 // ---------------------------------------------------------------------------
@@ -1225,6 +2086,11 @@ export class Secrets {
       .filter((v): v is string => v !== undefined && v.length >= 4)
       .sort((a, b) => b.length - a.length);
     this.longest = Math.max(0, ...this.values.map((v) => v.length));
+  }
+
+  /** These and `more`. */
+  with(more: string[]): Secrets {
+    return more.length === 0 ? this : new Secrets([...this.values, ...more]);
   }
 
   mask(text: string): string {
@@ -1398,12 +2264,17 @@ export class LineSplitter {
   }
 }
 
-/** The last few KiB of a stream, kept for the dead-letter record. */
+/** The last 64 KiB of a stream's lines, for the result and the dead-letter record. */
 class Tail {
   private text = "";
-  constructor(private readonly max = 2048) {}
+  truncated = false;
+  constructor(private readonly max = 64 * 1024) {}
   add(line: string): void {
-    this.text = (this.text + line + "\n").slice(-this.max);
+    this.text += line + "\n";
+    if (this.text.length > this.max) {
+      this.text = this.text.slice(-this.max);
+      this.truncated = true;
+    }
   }
   toString(): string {
     return this.text;
@@ -1452,6 +2323,10 @@ export interface TaskConfig {
   reservationTimeoutSeconds: number;
   pollWaitSeconds: number;
   shutdownGraceMs: number;
+  /** Named tasks (TASKS_FILE); without one, every message runs `command`. */
+  catalog?: Catalog;
+  /** Where each message's result goes when it names no reply_to queue. */
+  resultsQueue?: string;
 }
 
 export interface Config {
@@ -1461,6 +2336,8 @@ export interface Config {
   ssh: SshConfig;
   task: TaskConfig;
   logLevel: LogLevelName;
+  /** Parameters a catalog declares and never uses, to say at start. */
+  warnings: string[];
 }
 
 /** An iron.json file found on disk, as read (path for error messages). */
@@ -1480,6 +2357,8 @@ export interface ConfigContext {
   readKey?: (path: string) => Uint8Array;
   /** Whether a Unix socket exists there, for SSH_AUTH_SOCK. */
   isSocket?: (path: string) => boolean;
+  /** The task catalog: TASKS_FILE, else tasks.yaml where the worker starts (text undefined: no such file). */
+  catalogFile?: { path: string; text?: string; named: boolean };
 }
 
 export class ConfigError extends Error {
@@ -1765,6 +2644,31 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   if (task.command.trim() === "") {
     problems.push("TASK_COMMAND: must not be blank");
   }
+  const resultsQueue = read.optional("TASK_RESULTS_QUEUE");
+  if (resultsQueue !== undefined) {
+    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(resultsQueue)) {
+      problems.push(
+        `TASK_RESULTS_QUEUE=${
+          JSON.stringify(resultsQueue)
+        }: use 1 to 64 letters, digits, '_', '-' or '.'`,
+      );
+    }
+    task.resultsQueue = resultsQueue;
+  }
+  const warnings: string[] = [];
+  const file = context.catalogFile;
+  if (file?.text === undefined && file?.named) {
+    problems.push(`TASKS_FILE=${file.path}: no such file`);
+  } else if (file?.text !== undefined) {
+    try {
+      const parsed = parseCatalog(file.path, file.text, task);
+      task.catalog = parsed.catalog;
+      warnings.push(...parsed.warnings);
+    } catch (e) {
+      if (!(e instanceof ConfigError)) throw e;
+      problems.push(...e.problems);
+    }
+  }
   if (task.deadLetterQueue === queueName) {
     problems.push(
       "TASK_DEAD_LETTER_QUEUE: must differ from IRON_MQ_QUEUE_NAME",
@@ -1784,7 +2688,15 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     ssh,
     task,
     logLevel,
+    warnings,
   };
+}
+
+/** TASKS_FILE, else tasks.yaml in the working directory, as read. */
+function catalogFile(env: Env): ConfigContext["catalogFile"] {
+  const named = envValue(env, "TASKS_FILE");
+  const path = named ?? `${Deno.cwd()}/tasks.yaml`;
+  return { path, text: readTextIfExists(path), named: named !== undefined };
 }
 
 /** Reads iron.json (or .iron.json) from the working directory, then home. */
@@ -1844,6 +2756,7 @@ function configContext(env: Env): ConfigContext {
     home,
     user,
     ironJsonFiles: readIronJsonFiles(Deno.cwd(), home),
+    catalogFile: catalogFile(env),
     exists: (path) => {
       try {
         return Deno.statSync(path).isFile;
@@ -1929,7 +2842,11 @@ function printPermissions(env: Env): number {
     const config = parseConfig(env, context);
     const flags = permissionFlags(
       config,
-      ironJsonPaths(Deno.cwd(), context.home),
+      // Found or not: the worker looks for each of them.
+      [
+        ...ironJsonPaths(Deno.cwd(), context.home),
+        ...context.catalogFile ? [context.catalogFile.path] : [],
+      ],
       env.USER === undefined && env.LOGNAME === undefined ||
         env.HOME === undefined,
     );
