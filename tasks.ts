@@ -2489,8 +2489,12 @@ const DEFAULT_KEY_FILES = ["id_ed25519", "id_ecdsa", "id_rsa"];
 const DEFAULT_IRON_HOST = "mq-aws-us-east-1-1.iron.io";
 
 /** Pure: environment plus context in, validated configuration (or ConfigError) out. */
-export function parseConfig(env: Env, context: ConfigContext): Config {
-  const read = new EnvReader(env);
+/** The queue settings (IronMQ, or the embedded server), every problem into `read`. */
+function queueSettings(
+  read: EnvReader,
+  env: Env,
+  context: ConfigContext,
+): { queue: QueueConfig; embedded?: QueueServerOptions } {
   const problems = read.problems;
   const files = context.ironJsonFiles.map((file) => ({
     path: file.path,
@@ -2564,6 +2568,18 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     token: token ?? embeddedOptions?.token,
     queueName,
   };
+  return { queue, embedded: embeddedOptions };
+}
+
+export function parseConfig(env: Env, context: ConfigContext): Config {
+  const read = new EnvReader(env);
+  const problems = read.problems;
+  const { queue, embedded: embeddedOptions } = queueSettings(
+    read,
+    env,
+    context,
+  );
+  const queueName = queue.queueName;
 
   const keyFile = read.optional("SSH_KEY_FILE");
   const agentSocket = keyFile === undefined
@@ -2690,6 +2706,45 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     logLevel,
     warnings,
   };
+}
+
+/**
+ * What `deno task send` needs: the worker's queue (a running worker's embedded
+ * server at MQ_HOST:MQ_PORT, when no IronMQ is set) and its catalog, if any.
+ */
+export function senderConfig(
+  env: Env,
+): { queue: QueueConfig; catalog?: Catalog; deadLetterQueue: string } {
+  const context = configContext(env);
+  const read = new EnvReader(env);
+  const { queue, embedded } = queueSettings(read, env, context);
+  if (embedded) {
+    queue.baseUrl = `http://${bracketIPv6(embedded.hostname ?? "127.0.0.1")}:${
+      embedded.port ?? 8080
+    }`;
+  }
+  const defaults = {
+    timeoutMs: read.seconds("TASK_TIMEOUT", 0, 0, 86400) * 1000,
+    maxAttempts: read.integer("TASK_MAX_ATTEMPTS", 5, 1, 1000),
+  };
+  const deadLetterQueue = read.text(
+    "TASK_DEAD_LETTER_QUEUE",
+    `${queue.queueName}_failed`,
+  );
+  let catalog: Catalog | undefined;
+  const file = context.catalogFile;
+  if (file?.text === undefined && file?.named) {
+    read.problems.push(`TASKS_FILE=${file.path}: no such file`);
+  } else if (file?.text !== undefined) {
+    try {
+      catalog = parseCatalog(file.path, file.text, defaults).catalog;
+    } catch (e) {
+      if (!(e instanceof ConfigError)) throw e;
+      read.problems.push(...e.problems);
+    }
+  }
+  if (read.problems.length > 0) throw new ConfigError(read.problems);
+  return { queue, catalog, deadLetterQueue };
 }
 
 /** TASKS_FILE, else tasks.yaml in the working directory, as read. */
@@ -2975,6 +3030,11 @@ export class IronMqClient {
       { messages: bodies.map((body) => ({ body })) },
     );
     return Array.isArray(reply.ids) ? reply.ids.map(String) : [];
+  }
+
+  /** Deletes this client's queue with its messages (a reply queue, once read). */
+  async deleteQueue(): Promise<void> {
+    await this.call("DELETE", `/queues/${this.queue()}`, {});
   }
 
   /** Posts one message whose body is `body` byte for byte (IronMQ's webhook: no JSON escaping). */
