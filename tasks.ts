@@ -1756,6 +1756,12 @@ function parseTask(
     }
   }
   if (typeof command === "string") {
+    for (const quoted of quotedPlaceholders(command)) {
+      complain(
+        ".command",
+        `{{${quoted}}} is inside quotes: write it bare, its value is quoted for you (inside quotes, that quoting would end the quotes instead)`,
+      );
+    }
     const declared = new Set(params.map((p) => p.name));
     for (const [, used] of command.matchAll(PLACEHOLDER)) {
       if (!declared.has(used)) {
@@ -1796,6 +1802,28 @@ function parseTask(
       ? value.description
       : undefined,
   };
+}
+
+/** Placeholders that stand inside '...' or "..." in a command line. */
+function quotedPlaceholders(command: string): string[] {
+  const found: string[] = [];
+  let quote: "'" | '"' | undefined;
+  for (let i = 0; i < command.length; i++) {
+    const c = command[i];
+    if (c === "\\" && quote !== "'") {
+      i++; // an escaped character quotes nothing
+    } else if (quote === undefined && (c === "'" || c === '"')) {
+      quote = c;
+    } else if (c === quote) {
+      quote = undefined;
+    } else if (quote !== undefined && command.startsWith("{{", i)) {
+      const match = /^\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}/.exec(
+        command.slice(i),
+      );
+      if (match) found.push(match[1]);
+    }
+  }
+  return [...new Set(found)];
 }
 
 function parseParam(

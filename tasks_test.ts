@@ -3,6 +3,8 @@ import { Buffer } from "node:buffer";
 import { createHmac } from "node:crypto";
 import {
   backoffMs,
+  bindParams,
+  type Catalog,
   checkHostKey,
   type CommandRunner,
   type Config,
@@ -17,10 +19,12 @@ import {
   LineSplitter,
   loadSshCredentials,
   type Log,
+  parseCatalog,
   parseConfig,
   parseKnownHosts,
   permissionFlags,
   planCommand,
+  planMessage,
   QueueError,
   realClock,
   ReplyTooLarge,
@@ -1791,6 +1795,504 @@ Deno.test({
       } finally {
         taken.close();
         await holder.close();
+        await Deno.remove(dir, { recursive: true });
+      }
+    }),
+});
+
+// ---------------------------------------------------------------------------
+// Named tasks: the catalog, Celery messages, results
+// ---------------------------------------------------------------------------
+
+const CATALOG = `
+tasks:
+  os_release:
+    command: cat /etc/os-release
+  restart:
+    command: echo restarting {{service}}
+    params:
+      service: {enum: [nginx, app]}
+    timeout: 60
+    max_attempts: 3
+  deploy:
+    command: printf '%s|' {{version}} {{dry_run}} {{count}} {{ratio}} {{token}}
+    params:
+      version: {pattern: '^v[0-9]+\\.[0-9]+\\.[0-9]+$', max_length: 12}
+      dry_run: {type: boolean, default: false}
+      count: {type: integer, min: 1, max: 10, default: 1}
+      ratio: {type: number, min: 0, max: 1, default: 0.5}
+      token: {secret: true, required: false}
+  fail:
+    command: echo {{why}} >&2; exit 3
+    params:
+      why: {secret: true}
+    max_attempts: 1
+default: os_release
+`;
+
+function catalog(text = CATALOG) {
+  return parseCatalog("tasks.yaml", text, { timeoutMs: 0, maxAttempts: 5 })
+    .catalog;
+}
+
+Deno.test("catalog: a valid catalog parses, with defaults and per-task limits", () => {
+  const { catalog: c, warnings } = parseCatalog("tasks.yaml", CATALOG, {
+    timeoutMs: 7_000,
+    maxAttempts: 5,
+  });
+  assert.deepEqual(warnings, []);
+  assert.deepEqual([...c.tasks.keys()], [
+    "os_release",
+    "restart",
+    "deploy",
+    "fail",
+  ]);
+  assert.equal(c.defaultTask, "os_release");
+  assert.equal(c.tasks.get("restart")!.timeoutMs, 60_000);
+  assert.equal(c.tasks.get("os_release")!.timeoutMs, 7_000);
+  assert.equal(c.tasks.get("restart")!.maxAttempts, 3);
+  const deploy = c.tasks.get("deploy")!;
+  assert.deepEqual(deploy.params.map((p) => [p.name, p.type, p.required]), [
+    ["version", "string", true],
+    ["dry_run", "boolean", false],
+    ["count", "integer", false],
+    ["ratio", "number", false],
+    ["token", "string", false],
+  ]);
+});
+
+Deno.test("catalog: a bad catalog is refused with every problem named by file, task and field", () => {
+  const bad = `
+tasks:
+  a:
+    command: run {{x}} {{missing}} "at {{q}}" '{{q}}' \\'{{q}}
+    params:
+      q: {}
+      x: {type: integer, enum: [1], min: 5, max: 2}
+      y: {pattern: '([', default: 3}
+      z: {type: text}
+    timeout: -1
+    retries: 2
+  "bad name!":
+    command: ""
+default: nope
+extra: 1
+`;
+  const problems = configError(() => {
+    parseCatalog("cat.yaml", bad, { timeoutMs: 0, maxAttempts: 5 });
+    throw new Error("accepted");
+  });
+  const expected = [
+    /^cat\.yaml: extra: unknown key/,
+    /^cat\.yaml: tasks\.a\.retries: unknown field/,
+    /^cat\.yaml: tasks\.a\.params\.x\.enum: applies to strings only/,
+    /^cat\.yaml: tasks\.a\.params\.x\.min: is over max \(2\)/,
+    /^cat\.yaml: tasks\.a\.params\.y\.pattern: must be a regular expression/,
+    /^cat\.yaml: tasks\.a\.params\.y\.default: must be a string, not number 3/,
+    /^cat\.yaml: tasks\.a\.params\.z\.type: must be one of string, integer, number, boolean/,
+    /^cat\.yaml: tasks\.a\.command: \{\{missing\}\} has no parameter/,
+    /^cat\.yaml: tasks\.a\.command: \{\{q\}\} is inside quotes: write it bare/,
+    /^cat\.yaml: tasks\.a\.timeout: must be seconds/,
+    /^cat\.yaml: tasks\.bad name!: a task name is/,
+    /^cat\.yaml: tasks\.bad name!\.command: must be the command line/,
+    /^cat\.yaml: default: must name one of the tasks/,
+  ];
+  for (const pattern of expected) {
+    assert.ok(
+      problems.some((p) => pattern.test(p)),
+      `${pattern} in:\n${problems.join("\n")}`,
+    );
+  }
+  assert.equal(problems.length, expected.length, problems.join("\n"));
+  assert.throws(
+    () => parseCatalog("x.yaml", "tasks: [", { timeoutMs: 0, maxAttempts: 1 }),
+    (e) =>
+      e instanceof ConfigError && /x\.yaml: not valid YAML/.test(e.problems[0]),
+  );
+  const { warnings } = parseCatalog(
+    "w.yaml",
+    'tasks:\n  t:\n    command: "true"\n    params:\n      unused: {required: false}\n',
+    { timeoutMs: 0, maxAttempts: 1 },
+  );
+  assert.deepEqual(warnings, [
+    "w.yaml: tasks.t.params.unused: declared but never used in the command",
+  ]);
+});
+
+Deno.test("named tasks: each parameter type's valid values are quoted in, invalid ones are refused naming the parameter and rule", () => {
+  const deploy = catalog().tasks.get("deploy")!;
+  const ok = bindParams(deploy, ["v1.2.3"], {
+    dry_run: true,
+    count: 10,
+    ratio: 0,
+    token: "s3cr3t value",
+  });
+  assert.deepEqual(ok, {
+    ok: true,
+    command: "printf '%s|' v1.2.3 true 10 0 's3cr3t value'",
+    values: {
+      version: "v1.2.3",
+      dry_run: true,
+      count: 10,
+      ratio: 0,
+      token: "s3cr3t value",
+    },
+    secrets: ["s3cr3t value"],
+  });
+  const defaults = bindParams(deploy, [], { version: "v0.0.1" });
+  assert.ok(defaults.ok);
+  assert.equal(defaults.command, "printf '%s|' v0.0.1 false 1 0.5 ''");
+  const cases: [unknown[], Record<string, unknown>, RegExp][] = [
+    [[], {}, /parameter version is required/],
+    [["1.2.3"], {}, /parameter version: "1\.2\.3" must match/],
+    [["v1.2.3-long-1"], {}, /must match/],
+    [["v1.2.3"], { dry_run: "yes" }, /dry_run: "yes" must be true or false/],
+    [["v1.2.3"], { count: 11 }, /count: 11 must be at most 10/],
+    [["v1.2.3"], { count: 1.5 }, /count: 1\.5 must be a whole number/],
+    [["v1.2.3"], { count: "3" }, /count: "3" must be an integer/],
+    [["v1.2.3"], { ratio: -0.1 }, /ratio: -0\.1 must be at least 0/],
+    [["v1.2.3"], { other: 1 }, /unknown parameter "other"/],
+    [["v1.2.3", false, 1, 0.5, "t", "extra"], {}, /6 args for 5 parameter/],
+    [["v1.2.3"], { version: "v1.2.3" }, /given both in args and in kwargs/],
+    [
+      ["v1.2.3"],
+      { token: "-rf" },
+      /token \(secret, value not shown\) starts with "-"/,
+    ],
+  ];
+  for (const [args, kwargs, reason] of cases) {
+    const bound = bindParams(deploy, args, kwargs);
+    assert.equal(bound.ok, false, JSON.stringify([args, kwargs]));
+    if (!bound.ok) {
+      assert.match(bound.reason, reason);
+      assert.match(bound.reason, /^task deploy: /);
+      assert.doesNotMatch(bound.reason, /-rf/, "a secret's value is not shown");
+    }
+  }
+  const restart = catalog().tasks.get("restart")!;
+  const dash = bindParams(restart, ["-rf"], {});
+  assert.ok(!dash.ok && /"-rf" starts with "-"/.test(dash.reason));
+  const wrong = bindParams(restart, ["apache"], {});
+  assert.ok(
+    !wrong.ok && /"apache" must be one of nginx, app/.test(wrong.reason),
+  );
+});
+
+Deno.test("named tasks: message forms, eta, expires and retries", () => {
+  const c = catalog();
+  const now = Date.parse("2026-11-27T12:00:00Z");
+  const plan = (body: string, cat: Catalog | "none" = c) =>
+    planMessage(
+      body,
+      cat === "none" ? undefined : cat,
+      "cat /etc/os-release",
+      now,
+    );
+  const text = plan("hello world!");
+  assert.equal(text.kind, "run");
+  assert.equal(text.kind === "run" && text.command, "cat /etc/os-release");
+  assert.equal(text.meta.task, "os_release");
+  const celery = plan(JSON.stringify({
+    id: "abc-1",
+    task: "restart",
+    args: [],
+    kwargs: { service: "nginx" },
+    retries: 1,
+    eta: null,
+    expires: null,
+    reply_to: "replies",
+    utc: true,
+  }));
+  assert.equal(celery.kind, "run");
+  assert.equal(
+    celery.kind === "run" && celery.command,
+    "echo restarting nginx",
+  );
+  assert.deepEqual(celery.meta, {
+    task: "restart",
+    taskId: "abc-1",
+    replyTo: "replies",
+    priorRetries: 1,
+  });
+  const later = plan(
+    JSON.stringify({
+      task: "restart",
+      args: ["app"],
+      eta: "2026-11-27T12:05:00Z",
+    }),
+  );
+  assert.deepEqual(later, {
+    kind: "hold",
+    untilMs: Date.parse("2026-11-27T12:05:00Z"),
+    meta: { task: "restart", priorRetries: 0 },
+  });
+  const expired = plan(
+    JSON.stringify({
+      task: "restart",
+      args: ["app"],
+      expires: "2026-11-27T11:59:59Z",
+    }),
+  );
+  assert.equal(expired.kind, "revoke");
+  const rejects: [string, RegExp, Catalog | "none"][] = [
+    [
+      '{"task": "nope"}',
+      /unknown task "nope" \(tasks\.yaml has: os_release/,
+      c,
+    ],
+    ['{"task": "restart", "args": ["x"]}', /must be one of nginx, app/, c],
+    [
+      '{"task": "restart", "eta": "tomorrow"}',
+      /"eta" must be an ISO 8601 time/,
+      c,
+    ],
+    ['{"task": "restart", "priority": 1}', /unknown field\(s\) "priority"/, c],
+    [
+      '{"task": "restart", "retries": -1}',
+      /"retries" must be a whole number/,
+      c,
+    ],
+    ['{"task": "restart"}', /named tasks need a catalog/, "none"],
+    ['{"args": ["a"]}', /os_release: 1 args for 0 parameter/, c],
+  ];
+  for (const [body, reason, cat] of rejects) {
+    const p = plan(body, cat);
+    assert.equal(p.kind, "reject", body);
+    if (p.kind === "reject") assert.match(p.reason, reason);
+  }
+  const noDefault = catalog(CATALOG.replace("default: os_release", ""));
+  const plain = plan("hello", noDefault);
+  assert.ok(
+    plain.kind === "reject" && /names no default task/.test(plain.reason),
+  );
+});
+
+Deno.test({
+  name:
+    "named tasks: against a real sshd, results carry every field; invalid values run nothing and are dead-lettered; secrets never show",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const h = await harness();
+      const pool = poolFor(sshd, h.log);
+      const secret = "s3cr3t-t0ken value";
+      const w = startWorker(h, pool, { catalog: catalog() }, {
+        secrets: new Secrets([]),
+      });
+      const celery = (fields: Record<string, unknown>) =>
+        JSON.stringify({ retries: 0, eta: null, expires: null, ...fields });
+      try {
+        await h.post([
+          celery({
+            id: "ok-1",
+            task: "deploy",
+            args: ["v1.2.3"],
+            kwargs: { dry_run: true, count: 10, token: secret },
+            reply_to: "replies",
+          }),
+          celery({
+            id: "bad-1",
+            task: "restart",
+            kwargs: { service: "apache" },
+            reply_to: "replies",
+          }),
+          celery({
+            id: "fail-1",
+            task: "fail",
+            args: [`because ${secret}`],
+            reply_to: "replies",
+          }),
+        ]);
+        await until(
+          "three results",
+          async () => (await h.peek("replies")).length === 3,
+        );
+      } finally {
+        await w.stop();
+        pool.close();
+      }
+      try {
+        const results = new Map(
+          (await h.peek("replies")).map((m) => {
+            const r = JSON.parse(m.body);
+            return [r.task_id, r];
+          }),
+        );
+        const ok = results.get("ok-1");
+        assert.equal(ok.status, "SUCCESS");
+        assert.equal(ok.task, "deploy");
+        assert.equal(typeof ok.message_id, "string");
+        assert.equal(ok.attempts, 1);
+        assert.equal(ok.reason, null);
+        assert.ok(Date.parse(ok.started_at) <= Date.parse(ok.finished_at));
+        const host = ok.hosts["203.0.113.9"];
+        assert.deepEqual(
+          { ...host, duration_ms: typeof host.duration_ms },
+          {
+            exit_status: 0,
+            signal: null,
+            duration_ms: "number",
+            stdout: "v1.2.3|true|10|0.5|[redacted]|\n",
+            stderr: "",
+            truncated: { stdout: false, stderr: false },
+          },
+        );
+        const bad = results.get("bad-1");
+        assert.equal(bad.status, "REJECTED");
+        assert.deepEqual(bad.hosts, {});
+        assert.equal(bad.started_at, null);
+        assert.match(bad.reason, /service: "apache" must be one of nginx, app/);
+        const fail = results.get("fail-1");
+        assert.equal(fail.status, "FAILURE");
+        assert.equal(fail.hosts["203.0.113.9"].exit_status, 3);
+        assert.equal(fail.hosts["203.0.113.9"].stderr, "[redacted]\n");
+        const dead = (await h.peek("jobs_failed")).map((m) =>
+          JSON.parse(m.body)
+        );
+        assert.deepEqual(dead.map((r) => r.task_id).sort(), [
+          "bad-1",
+          "fail-1",
+        ]);
+        const all = [
+          ...h.log.lines,
+          ...(await h.peek("replies")).map((m) => m.body),
+        ].join("\n");
+        assert.ok(!all.includes(secret), "the secret parameter never shows");
+        assert.ok(!all.includes("s3cr3t-t0ken"), "nor a piece of it");
+      } finally {
+        await h.close();
+      }
+    }),
+});
+
+Deno.test("named tasks: an eta holds a message back without running it; an expired one is revoked, never run", async () => {
+  const h = await harness();
+  const runner = new FakeRunner(() => exit(0));
+  const w = startWorker(h, runner, { catalog: catalog() });
+  const eta = Date.now() + 2_000;
+  try {
+    await h.post([
+      JSON.stringify({
+        id: "later",
+        task: "restart",
+        args: ["app"],
+        eta: new Date(eta).toISOString(),
+        reply_to: "replies",
+      }),
+      JSON.stringify({
+        id: "stale",
+        task: "restart",
+        args: ["app"],
+        expires: new Date(Date.now() - 1_000).toISOString(),
+        reply_to: "replies",
+      }),
+    ]);
+    await until(
+      "two results",
+      async () => (await h.peek("replies")).length === 2,
+    );
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 1, "only the held one ran, once");
+    const results = (await h.peek("replies")).map((m) => JSON.parse(m.body));
+    const later = results.find((r) => r.task_id === "later");
+    const stale = results.find((r) => r.task_id === "stale");
+    assert.equal(later.status, "SUCCESS");
+    assert.equal(later.attempts, 1, "holding back is no attempt");
+    assert.ok(
+      Date.parse(later.started_at) >= eta - 1_000,
+      `ran at ${later.started_at}, eta ${new Date(eta).toISOString()}`,
+    );
+    assert.equal(stale.status, "REVOKED");
+    assert.match(stale.reason, /expired at .* before it ran/);
+    assert.equal((await h.info()).size, 0, "both gone from the queue");
+    assert.match(h.log.lines.join("\n"), /held back until its eta/);
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test({
+  name:
+    "named tasks: property: 10,000 random strings through a {{placeholder}} arrive at the remote side exactly",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const runs = Number(Deno.env.get("PROPERTY_RUNS") ?? 10_000);
+      const seed = Number(Deno.env.get("PROPERTY_SEED") ?? Date.now() % 1e9);
+      const random = mulberry32(seed);
+      const task = catalog(
+        "tasks:\n  echo:\n    command: printf '%s' {{value}}; printf END\n" +
+          "    params:\n      value: {allow_dash: true}\n",
+      ).tasks.get("echo")!;
+      const pool = poolFor(sshd, memoryLog(), {}, 8);
+      const values = Array.from(
+        { length: runs },
+        () => randomArgs(random).join(""),
+      );
+      let next = 0;
+      let checked = 0;
+      try {
+        await pool.ready(AbortSignal.timeout(10_000));
+        await Promise.all(Array.from({ length: 8 }, async () => {
+          while (next < values.length) {
+            const value = values[next++];
+            const bound = bindParams(task, [value], {});
+            assert.ok(bound.ok, `seed ${seed}: ${JSON.stringify(value)}`);
+            const { result, stdout } = await runCollect(pool, bound.command);
+            assert.deepEqual(result, { kind: "exit", code: 0 });
+            assert.equal(
+              stdout,
+              `${value}END`,
+              `seed ${seed}: ${JSON.stringify(value)}`,
+            );
+            checked++;
+          }
+        }));
+      } finally {
+        pool.close();
+      }
+      assert.equal(checked, runs);
+      console.log(
+        `property: ${checked} placeholder values matched (seed ${seed})`,
+      );
+    }),
+});
+
+Deno.test({
+  name:
+    "named tasks: a bad catalog stops the worker at start, every problem named",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const dir = await Deno.makeTempDir();
+      const file = `${dir}/tasks.yaml`;
+      await Deno.writeTextFile(
+        file,
+        "tasks:\n  a:\n    command: run {{x}}\n  b:\n    command: go\n    params:\n      n: {type: integer, default: nope}\n",
+      );
+      try {
+        const worker = spawnCollecting(
+          "deno",
+          ["run", "--allow-all", "tasks.ts"],
+          workerEnv(sshd, { TASKS_FILE: file, TASK_CONCURRENCY: "zero" }),
+        );
+        assert.equal((await worker.child.status).code, 2);
+        await worker.stop();
+        const said = worker.lines.join("\n");
+        assert.match(said, /^FATAL invalid configuration:/m);
+        assert.match(said, /TASK_CONCURRENCY="zero"/);
+        assert.match(
+          said,
+          /tasks\.yaml: tasks\.a\.command: \{\{x\}\} has no parameter/,
+        );
+        assert.match(
+          said,
+          /tasks\.yaml: tasks\.b\.params\.n\.default: must be an integer, not string "nope"/,
+        );
+      } finally {
         await Deno.remove(dir, { recursive: true });
       }
     }),
