@@ -3745,7 +3745,9 @@ function hostKeyMessage(
   if (verdict === "revoked") {
     return `host key ${shown} of ${name} is marked @revoked in ${ssh.knownHostsFile}; refusing to connect`;
   }
-  return `host key of ${name} is unknown (${shown}, not in ${ssh.knownHostsFile}); add it after checking the fingerprint (ssh-keyscan -p ${ssh.port} ${ssh.host} >> ${ssh.knownHostsFile}) or set SSH_STRICT_HOST_KEY_CHECKING=accept-new`;
+  return `host key of ${name} is unknown (${shown}, not in ${ssh.knownHostsFile}): on that host, check that \`ssh-keygen -lf /etc/ssh/ssh_host_${
+    keyTypeOfBlob(key).replace(/^ssh-/, "").replace(/-.*$/, "")
+  }_key.pub\` shows the same fingerprint, then add it (ssh-keyscan -p ${ssh.port} ${ssh.host} >> ${ssh.knownHostsFile}), or set SSH_STRICT_HOST_KEY_CHECKING=accept-new`;
 }
 
 /** The fingerprint `ssh-keygen -l` prints: SHA256 of the key blob, unpadded base64. */
