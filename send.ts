@@ -11,7 +11,7 @@
 
 import {
   type Catalog,
-  formatRecord,
+  escapeControls,
   IronMqClient,
   type ParamSpec,
   planMessage,
@@ -256,14 +256,7 @@ function taskMessage(
 
 /** A line as the worker's log shows it: control characters escaped, secrets masked. */
 function logLine(text: string, secrets: Secrets): string {
-  return formatRecord({
-    category: ["send"],
-    level: "info",
-    message: [text],
-    rawMessage: text,
-    timestamp: Date.now(),
-    properties: {},
-  }, secrets);
+  return escapeControls(secrets.mask(text));
 }
 
 // ---------------------------------------------------------------------------

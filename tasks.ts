@@ -2138,7 +2138,7 @@ const UNSAFE_CHARACTERS =
   // deno-lint-ignore no-control-regex -- matching control characters is the point
   /[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
 
-function escapeControls(text: string): string {
+export function escapeControls(text: string): string {
   return text.replace(UNSAFE_CHARACTERS, (c) => {
     if (c === "\n") return "\\n";
     if (c === "\r") return "\\r";
