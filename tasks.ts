@@ -1115,12 +1115,13 @@ class Keeper {
 }
 
 /**
- * Logs an outage as a warning with the time of the next try, as an error once
- * it lasts 30 s and then once a minute, and its end.
+ * Logs an outage with the time of the next try: its start, each change of
+ * cause, then, once it lasts 30 s, once a minute as an error; and its end.
  */
 class OutageLog {
   private since?: number;
   private lastLogged = 0;
+  private lastError = "";
   private tries = 0;
   constructor(
     private readonly what: string,
@@ -1131,6 +1132,7 @@ class OutageLog {
 
   failed(e: unknown, nextInMs: number): void {
     const now = Date.now();
+    const error = errorText(e);
     const next = `next attempt in ${
       Math.max(1, Math.round(nextInMs / 1000))
     } s`;
@@ -1138,18 +1140,21 @@ class OutageLog {
     if (this.since === undefined) {
       this.since = now;
       this.lastLogged = now;
-      this.log[this.firstLevel](`${this.what}: ${errorText(e)}; ${next}`);
+      this.log[this.firstLevel](`${this.what}: ${error}; ${next}`);
     } else if (
+      error !== this.lastError ||
       now - this.since >= 30_000 &&
-      (now - this.lastLogged >= 60_000 || this.lastLogged === this.since)
+        (now - this.lastLogged >= 60_000 || this.lastLogged === this.since)
     ) {
+      // A new cause is news; the same one past 30 s is no blip: once a minute.
       this.lastLogged = now;
       this.log.error(
         `${this.what}: still failing after ${
           Math.round((now - this.since) / 1000)
-        } s and ${this.tries} tries: ${errorText(e)}; ${next}`,
+        } s and ${this.tries} tries: ${error}; ${next}`,
       );
     }
+    this.lastError = error;
   }
 
   recovered(): void {
@@ -1161,6 +1166,7 @@ class OutageLog {
     );
     this.since = undefined;
     this.tries = 0;
+    this.lastError = "";
   }
 }
 
