@@ -54,7 +54,7 @@ async function main(): Promise<number> {
     config = parseConfig(env, configContext(env));
     credentials = loadSshCredentials(config.ssh);
   } catch (e) {
-    output.write(`FATAL ${errorText(e).replaceAll("\n", "\n  ")}`);
+    output.write(fatalText(e));
     await output.flush();
     return 2;
   }
@@ -137,6 +137,11 @@ async function main(): Promise<number> {
   log.info("stopped");
   await output.flush();
   return 0;
+}
+
+/** A configuration error for the terminal or svlogd: one problem a line, escaped. */
+function fatalText(e: unknown): string {
+  return `FATAL ${errorText(e).split("\n").map(escapeControls).join("\n  ")}`;
 }
 
 /** What to do when the embedded server cannot start: another port, or the server already there. */
@@ -223,7 +228,14 @@ export class Worker {
     queueName: string,
   ) {
     const attempts = new AttemptCounter();
-    this.settler = new Settler(task, deps, host, queueName, attempts);
+    this.settler = new Settler(
+      task,
+      deps,
+      host,
+      queueName,
+      attempts,
+      (held) => this.fetcher.forget(held),
+    );
     this.attempts = attempts;
     this.fetcher = new Fetcher(
       task,
@@ -247,11 +259,17 @@ export class Worker {
       for (;;) {
         const held = await this.fetcher.take(stop);
         if (held === undefined) return; // stopping
-        await this.processOne(held).catch((e) =>
+        await this.processOne(held).catch((e) => {
           this.deps.log.error(
             `message ${held.message.id}: unexpected error: ${errorText(e)}`,
-          )
-        );
+          );
+          // Never left reserved, touched forever: back for a later try.
+          this.settler.notRun(
+            held,
+            this.task.retryDelaySeconds,
+            "unexpected error",
+          );
+        });
       }
     };
     const processing = Promise.all(
@@ -286,7 +304,23 @@ export class Worker {
       clock.now(),
     );
     held.meta = plan.meta;
+    held.secrets = (this.deps.secrets ?? new Secrets([])).with(
+      plan.kind === "run" ? plan.secrets : [],
+    );
     const named = plan.meta.task === undefined ? "" : ` (${plan.meta.task})`;
+    const owed = this.attempts.owed(id);
+    if (owed !== undefined) {
+      // Its outcome is known here, but its dead-letter record or its result
+      // could not be posted then: post it now, without running it again.
+      log.warn(
+        `message ${id}${named}: not run again: its ${owed.status} ${
+          owed.kind === "record" ? "dead-letter record" : "result"
+        } is still to be posted`,
+      );
+      return owed.kind === "record"
+        ? this.settler.deadLetter(held, owed.failure, owed.status)
+        : this.settler.resendResult(held, owed);
+    }
     switch (plan.kind) {
       case "reject":
         log.error(
@@ -313,19 +347,9 @@ export class Worker {
     }
     held.attempt += plan.meta.priorRetries;
     held.maxAttempts = plan.task?.maxAttempts ?? this.task.maxAttempts;
-    held.secrets = (this.deps.secrets ?? new Secrets([])).with(plan.secrets);
-    const owed = this.attempts.owedRecord(id);
-    if (owed !== undefined) {
-      // Its last attempt failed here, but the dead-letter queue could not
-      // take it then: record it now, without running it again.
-      log.warn(
-        `message ${id}${named}: not run again: its attempts are used up and the dead-letter queue has yet to take it`,
-      );
-      return this.settler.deadLetter(held, { reason: owed }, "FAILURE");
-    }
 
     const prefix = `[${this.host}]`;
-    log.info(`${prefix} run: ${held.secrets.mask(plan.command)}`);
+    log.info(`${prefix} run: ${held.secrets.mask(plan.display)}`);
     log.debug(`message ${id}${named}: attempt ${held.attempt}`);
     const run = await this.execute(
       plan.command,
@@ -369,7 +393,12 @@ export class Worker {
       }
       case "aborted":
         log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
-        return this.settler.notRun(held, 0, "stopped by shutdown");
+        return this.settler.notRun(
+          held,
+          0,
+          "stopped by shutdown",
+          this.fetcher.pollsEnded,
+        );
       case "ssh-error":
         log.error(`${prefix} ssh error: ${result.error} (message ${id})`);
         return this.settler.notRun(
@@ -395,16 +424,14 @@ export class Worker {
         stdout.add(line);
         log.info(`${prefix} out: ${line}`);
       },
-      undefined,
-      secrets,
+      { secrets },
     );
     const err = new LineSplitter(
       (line) => {
         stderr.add(line);
         log.info(`${prefix} err: ${line}`);
       },
-      undefined,
-      secrets,
+      { secrets },
     );
     const controller = new AbortController();
     if (this.hardStop.signal.aborted) controller.abort();
@@ -458,6 +485,11 @@ export class Worker {
 
 type Status = "SUCCESS" | "FAILURE" | "REJECTED" | "REVOKED";
 
+/** What is still to be posted for a message whose outcome is known. */
+type Owed =
+  | { kind: "record"; status: "FAILURE" | "REJECTED"; failure: Failure }
+  | { kind: "result"; status: Status; to: string; body: string };
+
 class Settler {
   private readonly pending = new Set<Promise<void>>();
   private readonly deletes: DeleteBatcher;
@@ -468,6 +500,8 @@ class Settler {
     private readonly host: string,
     private readonly queueName: string,
     private readonly attempts: AttemptCounter,
+    /** Told when a message's settling begins (a delete, release or dead letter). */
+    private readonly settled: (held: Held) => void,
   ) {
     this.deletes = new DeleteBatcher(deps);
   }
@@ -502,10 +536,24 @@ class Settler {
     );
   }
 
-  /** Nothing ran (SSH failed, a stop, an eta to come): back to the queue, not counted as an attempt. */
-  notRun(held: Held, delaySeconds: number, why: string): void {
+  /**
+   * Nothing ran (SSH failed, a stop, an eta to come): back to the queue, not
+   * counted as an attempt; once `after` resolves, when given.
+   */
+  notRun(
+    held: Held,
+    delaySeconds: number,
+    why: string,
+    after?: Promise<void>,
+  ): void {
     this.attempts.notRun(held.message.id);
-    this.track(held, this.release(held, delaySeconds, why));
+    this.track(
+      held,
+      (async () => {
+        await after;
+        await this.release(held, delaySeconds, why);
+      })(),
+    );
   }
 
   deadLetter(
@@ -522,6 +570,9 @@ class Settler {
   }
 
   private track(held: Held, work: Promise<void>): void {
+    // Settling has begun: a reservation of it from now on is a new one (a
+    // release's reply may come after the long-poll that reserves it again).
+    this.settled(held);
     const tracked = work.catch((e) =>
       this.deps.log.error(
         `message ${held.message.id}: unexpected error: ${errorText(e)}`,
@@ -531,18 +582,27 @@ class Settler {
   }
 
   /** Posts the result (when one is asked for), then deletes the message. */
+  /** A result that could not be posted before: posted now, then the delete. */
+  resendResult(held: Held, owed: Owed & { kind: "result" }): void {
+    this.track(held, this.finish(held, owed.status, undefined, owed));
+  }
+
   private async finish(
     held: Held,
     status: Status,
     reason?: string,
+    owed?: Owed & { kind: "result" },
   ): Promise<void> {
     await held.keeper?.stop();
-    if (!await this.postResult(held, status, reason)) {
-      // Never zero results: the message goes back, and may run twice.
+    const result = owed ?? this.resultOf(held, status, reason);
+    if (result !== undefined && !await this.postResult(held, result)) {
+      // Never zero results: the message goes back; this worker posts the
+      // result when it comes back, other workers may run it again.
+      this.attempts.owe(held.message.id, result);
       return await this.release(
         held,
         releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
-        `its ${status} result could not be posted; it MAY RUN TWICE`,
+        `its ${status} result could not be posted yet`,
       );
     }
     const id = held.message.id;
@@ -560,7 +620,7 @@ class Settler {
       return;
     }
     const why = outcome === "expired"
-      ? "its reservation had expired, so another worker may have it: it MAY RUN TWICE (not rerun here)"
+      ? "its reservation had expired, so another reservation (another worker's, or this one's) may have it: it MAY RUN TWICE (not rerun here)"
       : "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE";
     this.deps.log.warn(
       `message ${id}: ${
@@ -570,17 +630,16 @@ class Settler {
   }
 
   /**
-   * The result of a message's final outcome, to its `reply_to` queue or
-   * TASK_RESULTS_QUEUE; true when posted, or when none is asked for.
+   * The result of a message's final outcome, for its `reply_to` queue or
+   * TASK_RESULTS_QUEUE; undefined when none is asked for.
    */
-  private async postResult(
+  private resultOf(
     held: Held,
     status: Status,
     reason?: string,
-  ): Promise<boolean> {
-    const { queue, clock, log } = this.deps;
+  ): Owed & { kind: "result" } | undefined {
     const to = held.meta?.replyTo ?? this.task.resultsQueue;
-    if (to === undefined) return true;
+    if (to === undefined) return undefined;
     const mask = this.maskerFor(held);
     const run = held.run;
     const hosts: Record<string, unknown> = {};
@@ -597,7 +656,7 @@ class Settler {
         },
       };
     }
-    const result = {
+    const body = JSON.stringify({
       message_id: held.message.id,
       task_id: held.meta?.taskId ?? null,
       task: held.meta?.task ?? null,
@@ -605,11 +664,20 @@ class Settler {
       hosts,
       attempts: held.attempt,
       started_at: run ? new Date(run.startedAt).toISOString() : null,
-      finished_at: new Date(run?.finishedAt ?? clock.now()).toISOString(),
+      finished_at: new Date(run?.finishedAt ?? this.deps.clock.now())
+        .toISOString(),
       reason: reason === undefined ? null : mask(reason),
-    };
+    });
+    return { kind: "result", status, to, body };
+  }
+
+  private async postResult(
+    held: Held,
+    { status, to, body }: Owed & { kind: "result" },
+  ): Promise<boolean> {
+    const { queue, clock, log } = this.deps;
     try {
-      await queueCall(() => queue.post(to, [JSON.stringify(result)]), clock);
+      await queueCall(() => queue.post(to, [body]), clock);
       log.debug(`message ${held.message.id}: result ${status} posted to ${to}`);
       return true;
     } catch (e) {
@@ -705,7 +773,7 @@ class Settler {
           errorText(e)
         }); keeping it in ${this.queueName}, where it will not run again`,
       );
-      if (status === "FAILURE") this.attempts.owe(message.id, failure.reason);
+      this.attempts.owe(message.id, { kind: "record", status, failure });
       return await this.release(
         held,
         releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
@@ -807,19 +875,23 @@ function outcomeOf(e: unknown): DeleteOutcome {
  */
 class AttemptCounter {
   private readonly notRuns = new Map<string, number>();
-  /** Messages whose last attempt failed here but could not be dead-lettered: why. */
-  private readonly owed = new Map<string, string>();
+  /**
+   * Messages whose outcome is known here but could not be posted (a dead-letter
+   * record, a result): at most 200, as a result holds up to 128 KiB of output.
+   */
+  private readonly owing = new Map<string, Owed>();
   constructor(private readonly max = 10_000) {}
 
-  owe(id: string, reason: string): void {
-    this.owed.set(id, reason);
-    if (this.owed.size > this.max) {
-      this.owed.delete(this.owed.keys().next().value!);
+  owe(id: string, owed: Owed): void {
+    this.owing.delete(id);
+    this.owing.set(id, owed);
+    if (this.owing.size > 200) {
+      this.owing.delete(this.owing.keys().next().value!);
     }
   }
 
-  owedRecord(id: string): string | undefined {
-    return this.owed.get(id);
+  owed(id: string): Owed | undefined {
+    return this.owing.get(id);
   }
 
   attemptOf(message: QueueMessage): number {
@@ -840,7 +912,7 @@ class AttemptCounter {
 
   forget(id: string): void {
     this.notRuns.delete(id);
-    this.owed.delete(id);
+    this.owing.delete(id);
   }
 }
 
@@ -878,6 +950,14 @@ class Fetcher {
   private batch = 100;
   private changed?: () => void;
   private readonly outage: OutageLog;
+  /** Every message this worker holds, by id, until it is settled. */
+  private readonly holding = new Map<string, Held>();
+  private readonly polled = Promise.withResolvers<void>();
+  /**
+   * Resolves once no reserve is in flight after a stop: a message released
+   * sooner could go straight back to this worker's own last long-poll.
+   */
+  readonly pollsEnded = this.polled.promise;
 
   constructor(
     private readonly task: TaskConfig,
@@ -938,6 +1018,7 @@ class Fetcher {
       );
     }
     await Promise.all(polls);
+    this.polled.resolve();
     for (const held of this.ready.splice(0)) {
       this.settler.notRun(held, 0, "shutting down before it started");
     }
@@ -945,13 +1026,22 @@ class Fetcher {
 
   /** The next message for a processor; undefined once stopping. */
   take(stop: AbortSignal): Promise<Held | undefined> {
+    // Once stopping, nothing new starts: what waits goes back to the queue.
+    if (stop.aborted) return Promise.resolve(undefined);
     this.takes.push(this.deps.clock.now());
     if (this.takes.length > 64) this.takes.shift();
     const held = this.ready.shift();
     if (held !== undefined) this.readyChars -= held.message.body.length;
     this.changed?.();
-    if (held !== undefined || stop.aborted) return Promise.resolve(held);
+    if (held !== undefined) return Promise.resolve(held);
     return new Promise((resolve) => this.takers.push(resolve));
+  }
+
+  /** A settled message: a new reservation of it is a new message again. */
+  forget(held: Held): void {
+    if (this.holding.get(held.message.id) === held) {
+      this.holding.delete(held.message.id);
+    }
   }
 
   /** How many more messages to ask for now. */
@@ -1051,13 +1141,31 @@ class Fetcher {
 
   /** A reserved message goes to a waiting processor, or waits (kept reserved) for one. */
   private accept(message: QueueMessage, stop: AbortSignal): void {
+    const already = this.holding.get(message.id);
+    if (already !== undefined) {
+      // Its reservation lapsed while this worker held it (a touch failed), and
+      // this worker reserved it again: one message, now under the new
+      // reservation, not a second run of it.
+      already.reservationId = message.reservation_id;
+      this.attempts.notRun(message.id);
+      this.deps.log.warn(
+        `message ${message.id}: reserved again while this worker held it (its reservation had lapsed); carrying on under the new one`,
+      );
+      return;
+    }
     const held: Held = {
       message,
       reservationId: message.reservation_id,
       attempt: this.attempts.attemptOf(message),
     };
+    this.holding.set(message.id, held);
     if (stop.aborted) {
-      return this.settler.notRun(held, 0, "shutting down before it started");
+      return this.settler.notRun(
+        held,
+        0,
+        "shutting down before it started",
+        this.pollsEnded,
+      );
     }
     held.keeper = new Keeper(held, this.task, this.deps, this.attempts);
     const taker = this.takers.shift();
@@ -1067,7 +1175,7 @@ class Fetcher {
   }
 }
 
-/** Touches a held message at half its reservation timeout, so a long wait or run keeps it. */
+/** Touches a held message every third of its reservation timeout, so a long wait or run keeps it. */
 class Keeper {
   private readonly timer: ReturnType<typeof setInterval>;
   private touching?: Promise<void>;
@@ -1080,7 +1188,9 @@ class Keeper {
   ) {
     this.timer = setInterval(() => {
       this.touching ??= this.touch().finally(() => this.touching = undefined);
-    }, deps.touchIntervalMs ?? task.reservationTimeoutSeconds * 500);
+      // A third, not a half: a touch that fails (3 quick tries) leaves time
+      // for the next one before the reservation lapses.
+    }, deps.touchIntervalMs ?? task.reservationTimeoutSeconds * 333);
   }
 
   /** Stops touching; resolves once a touch under way has landed, so the reservation id is current. */
@@ -1108,7 +1218,7 @@ class Keeper {
       this.deps.log.warn(
         `message ${message.id}: could not extend its reservation (${
           errorText(e)
-        }); another worker may run it too`,
+        }); if it lapses, it may run again elsewhere`,
       );
     }
   }
@@ -1141,12 +1251,14 @@ class OutageLog {
       this.since = now;
       this.lastLogged = now;
       this.log[this.firstLevel](`${this.what}: ${error}; ${next}`);
+    } else if (error !== this.lastError && now - this.since < 30_000) {
+      this.log[this.firstLevel](`${this.what}: now ${error}; ${next}`);
     } else if (
       error !== this.lastError ||
       now - this.since >= 30_000 &&
         (now - this.lastLogged >= 60_000 || this.lastLogged === this.since)
     ) {
-      // A new cause is news; the same one past 30 s is no blip: once a minute.
+      // Past 30 s it is no blip: an error, on a new cause and once a minute.
       this.lastLogged = now;
       this.log.error(
         `${this.what}: still failing after ${
@@ -1419,6 +1531,8 @@ export type MessagePlan =
   | {
     kind: "run";
     command: string;
+    /** The command as the log shows it: secret parameters [redacted]. */
+    display: string;
     task?: TaskSpec;
     /** Values of secret parameters, masked wherever the message shows. */
     secrets: string[];
@@ -1478,6 +1592,7 @@ export function planMessage(
       ? {
         kind: "run",
         command: bound.command,
+        display: bound.display,
         task,
         secrets: bound.secrets,
         meta,
@@ -1506,7 +1621,13 @@ export function planMessage(
     if (catalog === undefined) {
       const plan = withArgs(baseCommand, args);
       return plan.ok
-        ? { kind: "run", command: plan.command, secrets: [], meta }
+        ? {
+          kind: "run",
+          command: plan.command,
+          display: plan.command,
+          secrets: [],
+          meta,
+        }
         : reject(plan.reason);
     }
     const task = defaultTask();
@@ -1762,11 +1883,8 @@ function parseTask(
     }
   }
   if (typeof command === "string") {
-    for (const quoted of quotedPlaceholders(command)) {
-      complain(
-        ".command",
-        `{{${quoted}}} is inside quotes: write it bare, its value is quoted for you (inside quotes, that quoting would end the quotes instead)`,
-      );
+    for (const problem of placeholderProblems(command)) {
+      complain(".command", problem);
     }
     const declared = new Set(params.map((p) => p.name));
     for (const [, used] of command.matchAll(PLACEHOLDER)) {
@@ -1810,26 +1928,76 @@ function parseTask(
   };
 }
 
-/** Placeholders that stand inside '...' or "..." in a command line. */
-function quotedPlaceholders(command: string): string[] {
-  const found: string[] = [];
-  let quote: "'" | '"' | undefined;
+/**
+ * Why a command's placeholders would not each stand as one plain shell word.
+ * A value is quoted as one word; inside quotes, after a backslash, in a
+ * comment, a here-document, backticks or `$'...'`, or glued to other text,
+ * that quoting would end a quote or be read again, and the value would run
+ * as shell code.
+ */
+function placeholderProblems(command: string): string[] {
+  const uses = [...command.matchAll(PLACEHOLDER)];
+  if (uses.length === 0) return [];
+  type Context = "plain" | "single" | "double" | "comment" | "escaped";
+  const context: Context[] = [];
+  const problems = new Set<string>();
+  let state: "plain" | "single" | "double" | "comment" = "plain";
   for (let i = 0; i < command.length; i++) {
     const c = command[i];
-    if (c === "\\" && quote !== "'") {
-      i++; // an escaped character quotes nothing
-    } else if (quote === undefined && (c === "'" || c === '"')) {
-      quote = c;
-    } else if (c === quote) {
-      quote = undefined;
-    } else if (quote !== undefined && command.startsWith("{{", i)) {
-      const match = /^\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}/.exec(
-        command.slice(i),
+    context[i] = state;
+    if (state === "comment") {
+      if (c === "\n") state = "plain";
+    } else if (state === "single") {
+      if (c === "'") state = "plain";
+    } else if (c === "\\") {
+      context[++i] = "escaped";
+    } else if (state === "double") {
+      if (c === '"') state = "plain";
+      if (c === "`") problems.add("backticks run their text again: use $(...)");
+    } else if (c === "'" || c === '"') {
+      state = c === "'" ? "single" : "double";
+      if (c === "'" && command[i - 1] === "$") {
+        problems.add("$'...' reads escapes in its text: use '...'");
+      }
+    } else if (c === "#" && (i === 0 || /\s/.test(command[i - 1]))) {
+      state = "comment";
+      context[i] = "comment";
+    } else if (c === "`") {
+      problems.add("backticks run their text again: use $(...)");
+    } else if (c === "<" && command[i + 1] === "<") {
+      problems.add(
+        "a here-document (<<) reads its text again: pass values as arguments",
       );
-      if (match) found.push(match[1]);
     }
   }
-  return [...new Set(found)];
+  if (state === "single" || state === "double") {
+    problems.add(`a ${state} quote is never closed`);
+  }
+  for (const use of uses) {
+    const at = use.index!;
+    const end = at + use[0].length;
+    const where = context[at];
+    const before = at === 0 ? " " : command[at - 1];
+    const after = end === command.length ? " " : command[end];
+    const name = `{{${use[1]}}}`;
+    if (where === "single" || where === "double") {
+      problems.add(
+        `${name} is inside quotes: write it bare, its value is quoted for you`,
+      );
+    } else if (where === "comment") {
+      problems.add(
+        `${name} is in a comment (after #), where a newline ends it`,
+      );
+    } else if (
+      where !== "plain" || !/[\s=(;|&]/.test(before) ||
+      !/[\s;)|&<>]/.test(after)
+    ) {
+      problems.add(
+        `${name} must stand as a whole word (spaces around it, or --option={{x}}): its value is quoted as one`,
+      );
+    }
+  }
+  return [...problems];
 }
 
 function parseParam(
@@ -2015,6 +2183,8 @@ export type Binding =
   | {
     ok: true;
     command: string;
+    /** The command with each secret parameter shown as [redacted], for the log. */
+    display: string;
     values: Record<string, ParamValue>;
     /** The values of secret parameters, to mask. */
     secrets: string[];
@@ -2073,20 +2243,29 @@ export function bindParams(
       );
     }
     values[param.name] = value as ParamValue;
-    if (param.secret) secrets.push(String(value));
+    if (param.secret) {
+      // As given, and as quoted into the command line.
+      secrets.push(String(value), shellQuote(String(value)));
+    }
   }
-  const command = task.command.replace(
-    PLACEHOLDER,
-    (_, name: string) =>
-      name in values ? shellQuote(String(values[name])) : "''",
+  const secret = new Set(
+    task.params.filter((p) => p.secret).map((p) => p.name),
   );
+  const fill = (shown: boolean) =>
+    task.command.replace(PLACEHOLDER, (_, name: string) => {
+      if (!Object.hasOwn(values, name)) return "''";
+      return shown && secret.has(name)
+        ? "[redacted]"
+        : shellQuote(String(values[name]));
+    });
+  const command = fill(false);
   const bytes = new TextEncoder().encode(command).length;
   if (bytes > MAX_COMMAND_BYTES) {
     return fail(
       `the command with its parameters is ${bytes} bytes, over the ${MAX_COMMAND_BYTES}-byte limit`,
     );
   }
-  return { ok: true, command, values, secrets };
+  return { ok: true, command, display: fill(true), values, secrets };
 }
 
 // ---------------------------------------------------------------------------
@@ -2206,9 +2385,11 @@ class StdoutLines {
   private async drain(): Promise<void> {
     while (this.queued.length > 0) {
       if (this.dropped > 0) {
-        this.queued.unshift(this.encoder.encode(
+        const notice = this.encoder.encode(
           `WARN log: ${this.dropped} line(s) dropped: stdout was not being read\n`,
-        ));
+        );
+        this.queued.unshift(notice);
+        this.queuedBytes += notice.length;
         this.dropped = 0;
       }
       const batch = Buffer.concat(this.queued.splice(0));
@@ -2260,11 +2441,15 @@ export async function setupLogging(
 export class LineSplitter {
   private readonly decoder = new TextDecoder();
   private partial = "";
+  private readonly maxLine: number;
+  private readonly secrets?: Secrets;
   constructor(
     private readonly emit: (line: string) => void,
-    private readonly maxLine = 16_384,
-    private readonly secrets?: Secrets,
-  ) {}
+    options: { maxLine?: number; secrets?: Secrets } = {},
+  ) {
+    this.maxLine = options.maxLine ?? 16_384;
+    this.secrets = options.secrets;
+  }
 
   push(chunk: Uint8Array): void {
     this.take(this.decoder.decode(chunk, { stream: true }));
@@ -2522,7 +2707,6 @@ const DEFAULT_KEY_FILES = ["id_ed25519", "id_ecdsa", "id_rsa"];
 /** Iron.io's default host, as its official clients use when given only a token. */
 const DEFAULT_IRON_HOST = "mq-aws-us-east-1-1.iron.io";
 
-/** Pure: environment plus context in, validated configuration (or ConfigError) out. */
 /** The queue settings (IronMQ, or the embedded server), every problem into `read`. */
 function queueSettings(
   read: EnvReader,
@@ -2605,6 +2789,7 @@ function queueSettings(
   return { queue, embedded: embeddedOptions };
 }
 
+/** Pure: environment plus context in, validated configuration (or ConfigError) out. */
 export function parseConfig(env: Env, context: ConfigContext): Config {
   const read = new EnvReader(env);
   const problems = read.problems;
@@ -2684,7 +2869,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     concurrency: read.integer("TASK_CONCURRENCY", 8, 1, 256),
     timeoutMs: read.seconds("TASK_TIMEOUT", 0, 0, 86400) * 1000,
     maxAttempts: read.integer("TASK_MAX_ATTEMPTS", 5, 1, 1000),
-    retryDelaySeconds: read.integer("TASK_RETRY_DELAY", 10, 0, 604800),
+    retryDelaySeconds: read.integer("TASK_RETRY_DELAY", 10, 0, 900),
     deadLetterQueue: read.text("TASK_DEAD_LETTER_QUEUE", `${queueName}_failed`),
     reservationTimeoutSeconds,
     pollWaitSeconds: read.integer("TASK_POLL_WAIT", 5, 0, 30),
@@ -2706,19 +2891,9 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     task.resultsQueue = resultsQueue;
   }
   const warnings: string[] = [];
-  const file = context.catalogFile;
-  if (file?.text === undefined && file?.named) {
-    problems.push(`TASKS_FILE=${file.path}: no such file`);
-  } else if (file?.text !== undefined) {
-    try {
-      const parsed = parseCatalog(file.path, file.text, task);
-      task.catalog = parsed.catalog;
-      warnings.push(...parsed.warnings);
-    } catch (e) {
-      if (!(e instanceof ConfigError)) throw e;
-      problems.push(...e.problems);
-    }
-  }
+  const loaded = loadCatalog(context.catalogFile, task, problems);
+  task.catalog = loaded?.catalog;
+  warnings.push(...loaded?.warnings ?? []);
   if (task.deadLetterQueue === queueName) {
     problems.push(
       "TASK_DEAD_LETTER_QUEUE: must differ from IRON_MQ_QUEUE_NAME",
@@ -2765,20 +2940,29 @@ export function senderConfig(
     "TASK_DEAD_LETTER_QUEUE",
     `${queue.queueName}_failed`,
   );
-  let catalog: Catalog | undefined;
-  const file = context.catalogFile;
-  if (file?.text === undefined && file?.named) {
-    read.problems.push(`TASKS_FILE=${file.path}: no such file`);
-  } else if (file?.text !== undefined) {
-    try {
-      catalog = parseCatalog(file.path, file.text, defaults).catalog;
-    } catch (e) {
-      if (!(e instanceof ConfigError)) throw e;
-      read.problems.push(...e.problems);
-    }
-  }
+  const catalog = loadCatalog(context.catalogFile, defaults, read.problems)
+    ?.catalog;
   if (read.problems.length > 0) throw new ConfigError(read.problems);
   return { queue, catalog, deadLetterQueue };
+}
+
+/** The catalog file parsed, its problems added to `problems`; none without a file. */
+function loadCatalog(
+  file: ConfigContext["catalogFile"],
+  defaults: { timeoutMs: number; maxAttempts: number },
+  problems: string[],
+): { catalog: Catalog; warnings: string[] } | undefined {
+  if (file?.text === undefined) {
+    if (file?.named) problems.push(`TASKS_FILE=${file.path}: no such file`);
+    return undefined;
+  }
+  try {
+    return parseCatalog(file.path, file.text, defaults);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    problems.push(...e.problems);
+    return undefined;
+  }
 }
 
 /** TASKS_FILE, else tasks.yaml in the working directory, as read. */
@@ -2942,7 +3126,7 @@ function printPermissions(env: Env): number {
     console.log(flags.join(" "));
     return 0;
   } catch (e) {
-    console.error(`FATAL ${errorText(e).replaceAll("\n", "\n  ")}`);
+    console.error(fatalText(e));
     return 2;
   }
 }
@@ -3682,39 +3866,49 @@ export class SshPool implements CommandRunner {
 
       connection.client.once("close", onDrop);
       io.signal.addEventListener("abort", onAbort, { once: true });
-      connection.client.exec(command, (err, ch) => {
-        if (err) {
-          return finish({
-            kind: "ssh-error",
-            error: `${this.where}: cannot start the command: ${err.message}`,
-          });
-        }
-        channel = ch;
-        ch.on("data", (chunk: Uint8Array) => io.onStdout(chunk));
-        ch.stderr.on("data", (chunk: Uint8Array) => io.onStderr(chunk));
-        ch.on(
-          "exit",
-          (code: number | null, signal?: string) => {
-            outcome = code !== null && code !== undefined
-              ? { kind: "exit", code }
-              : { kind: "signal", signal: signal ?? "unknown" };
-          },
-        );
-        ch.on("close", () => {
-          if (stopping) return finish({ kind: stopping });
-          finish(
-            outcome ?? {
+      // ssh2 throws "Not connected" at once when the socket has ended but
+      // its close event has not come yet: an SSH error, not a crash.
+      try {
+        connection.client.exec(command, (err, ch) => {
+          if (err) {
+            return finish({
               kind: "ssh-error",
-              error: `${this.where}: the channel closed without an exit status`,
+              error: `${this.where}: cannot start the command: ${err.message}`,
+            });
+          }
+          channel = ch;
+          ch.on("data", (chunk: Uint8Array) => io.onStdout(chunk));
+          ch.stderr.on("data", (chunk: Uint8Array) => io.onStderr(chunk));
+          ch.on(
+            "exit",
+            (code: number | null, signal?: string) => {
+              outcome = code !== null && code !== undefined
+                ? { kind: "exit", code }
+                : { kind: "signal", signal: signal ?? "unknown" };
             },
           );
+          ch.on("close", () => {
+            if (stopping) return finish({ kind: stopping });
+            finish(
+              outcome ?? {
+                kind: "ssh-error",
+                error:
+                  `${this.where}: the channel closed without an exit status`,
+              },
+            );
+          });
+          ch.end(); // No stdin for the remote command.
+          if (io.signal.aborted) stop("aborted");
+          if (io.timeoutMs > 0) {
+            timeoutTimer = setTimeout(() => stop("timeout"), io.timeoutMs);
+          }
         });
-        ch.end(); // No stdin for the remote command.
-        if (io.signal.aborted) stop("aborted");
-        if (io.timeoutMs > 0) {
-          timeoutTimer = setTimeout(() => stop("timeout"), io.timeoutMs);
-        }
-      });
+      } catch (e) {
+        finish({
+          kind: "ssh-error",
+          error: `${this.where}: cannot start the command: ${errorText(e)}`,
+        });
+      }
     });
   }
 }

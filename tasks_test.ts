@@ -415,7 +415,7 @@ Deno.test("backoff: grows, is capped, and jitters within [half, full]", () => {
 
 Deno.test("lines: split across chunks, CRLF, multi-byte characters, long lines", () => {
   const lines: string[] = [];
-  const splitter = new LineSplitter((l) => lines.push(l), 8);
+  const splitter = new LineSplitter((l) => lines.push(l), { maxLine: 8 });
   const bytes = new TextEncoder().encode("ab\r\ncé");
   splitter.push(bytes.subarray(0, 5)); // cuts "é" in half
   splitter.push(bytes.subarray(5));
@@ -1503,7 +1503,8 @@ Deno.test("worker: a message whose dead-letter record cannot be written stays qu
       "reserved three more times after its last attempt, without running",
       () =>
         h.log.lines.filter((l) =>
-          /not run again: its attempts are used up/.test(l)
+          /not run again: its FAILURE dead-letter record is still to be posted/
+            .test(l)
         )
           .length >= 3,
     );
@@ -1549,11 +1550,10 @@ Deno.test("lines: a secret is masked before a long line is cut, so no cut leaves
   for (const chunkSize of [1, 3, 7, 64]) {
     for (let at = 0; at < 20; at++) {
       const pieces: string[] = [];
-      const splitter = new LineSplitter(
-        (l) => pieces.push(l),
-        16,
-        new Secrets([secret]),
-      );
+      const splitter = new LineSplitter((l) => pieces.push(l), {
+        maxLine: 16,
+        secrets: new Secrets([secret]),
+      });
       const text = `${"x".repeat(at)}${secret}${"y".repeat(40)}\n`;
       const bytes = new TextEncoder().encode(text);
       for (let i = 0; i < bytes.length; i += chunkSize) {
@@ -1892,6 +1892,7 @@ extra: 1
     /^cat\.yaml: tasks\.a\.params\.z\.type: must be one of string, integer, number, boolean/,
     /^cat\.yaml: tasks\.a\.command: \{\{missing\}\} has no parameter/,
     /^cat\.yaml: tasks\.a\.command: \{\{q\}\} is inside quotes: write it bare/,
+    /^cat\.yaml: tasks\.a\.command: \{\{q\}\} must stand as a whole word/,
     /^cat\.yaml: tasks\.a\.timeout: must be seconds/,
     /^cat\.yaml: tasks\.bad name!: a task name is/,
     /^cat\.yaml: tasks\.bad name!\.command: must be the command line/,
@@ -1930,6 +1931,7 @@ Deno.test("named tasks: each parameter type's valid values are quoted in, invali
   assert.deepEqual(ok, {
     ok: true,
     command: "printf '%s|' v1.2.3 true 10 0 's3cr3t value'",
+    display: "printf '%s|' v1.2.3 true 10 0 [redacted]",
     values: {
       version: "v1.2.3",
       dry_run: true,
@@ -1937,7 +1939,7 @@ Deno.test("named tasks: each parameter type's valid values are quoted in, invali
       ratio: 0,
       token: "s3cr3t value",
     },
-    secrets: ["s3cr3t value"],
+    secrets: ["s3cr3t value", "'s3cr3t value'"],
   });
   const defaults = bindParams(deploy, [], { version: "v0.0.1" });
   assert.ok(defaults.ok);
@@ -2296,4 +2298,131 @@ Deno.test({
         await Deno.remove(dir, { recursive: true });
       }
     }),
+});
+
+Deno.test("worker: after a stop, no waiting message starts, even when a processor frees up", async () => {
+  const h = await harness();
+  const runner = new FakeRunner((_, io) =>
+    new Promise((resolve) =>
+      io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
+    )
+  );
+  const w = startWorker(h, runner, { concurrency: 2, shutdownGraceMs: 100 });
+  try {
+    await h.post(["1", "2", "3", "4", "5", "6"]);
+    await until(
+      "two running, more held",
+      async () => runner.commands.length === 2 && (await h.peek()).length < 4,
+    );
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 2, "nothing started after the stop");
+    assert.equal((await h.peek()).length, 6, "all six are available again");
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: a message whose reservation lapsed while it ran, and that the worker reserved again, runs once", async () => {
+  // 20 times faster: the 30 s reservation lapses after 1.5 s of a 2.5 s command.
+  const h = await harness({ now: fastClock(20) });
+  const runner = new FakeRunner(async () => {
+    await new Promise((r) => setTimeout(r, 2_500));
+    return { kind: "exit", code: 0 };
+  });
+  const w = startWorker(h, runner, { concurrency: 2 }, {
+    touchIntervalMs: 1e9, // no touching: let the reservation lapse
+  });
+  try {
+    await h.post(["once"]);
+    await until(
+      "reserved again",
+      () =>
+        h.log.lines.some((l) =>
+          /reserved again while this worker held it/.test(l)
+        ),
+      10_000,
+    );
+    await until("deleted", async () => (await h.info()).size === 0, 10_000);
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 1, "one message, one run");
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: an unexpected error in the processing step releases the message instead of holding it", async () => {
+  const h = await harness();
+  let calls = 0;
+  const runner = new FakeRunner(() => {
+    calls++;
+    if (calls === 1) throw new Error("boom");
+    return exit(0);
+  });
+  const w = startWorker(h, runner, { concurrency: 1 });
+  try {
+    await h.post(["x"]);
+    await until("ran after the error", () => calls === 2);
+    await until("deleted", async () => (await h.info()).size === 0);
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.match(h.log.lines.join("\n"), /unexpected error: boom/);
+    assert.match(
+      h.log.lines.join("\n"),
+      /released for a retry in 0 s \(unexpected error\)/,
+    );
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("catalog: a placeholder that would not stand as one plain shell word is refused", () => {
+  const refused: [string, RegExp][] = [
+    [`echo '{{x}}'`, /inside quotes/],
+    [`echo "at {{x}}"`, /inside quotes/],
+    [`echo $'it\\'s {{x}}'`, /\$'\.\.\.' reads escapes/],
+    ["cat <<EOF\n{{x}}\nEOF", /here-document/],
+    ["echo {{x}} # for {{x}}", /in a comment/],
+    ["echo \\{{x}}", /whole word/],
+    ["echo `echo {{x}}`", /backticks/],
+    ["echo a{{x}}", /whole word/],
+    ["echo {{x}}b", /whole word/],
+    [`echo "{{x}}`, /never closed/],
+  ];
+  for (const [command, reason] of refused) {
+    const problems = configError(() => {
+      parseCatalog(
+        "t.yaml",
+        JSON.stringify({ tasks: { t: { command, params: { x: {} } } } }),
+        { timeoutMs: 0, maxAttempts: 1 },
+      );
+      throw new Error(`accepted: ${command}`);
+    });
+    assert.ok(
+      problems.some((p) => reason.test(p)),
+      `${JSON.stringify(command)}: ${problems.join("; ")}`,
+    );
+  }
+  for (
+    const command of [
+      "systemctl restart {{x}}",
+      "run --name={{x}} && echo ok",
+      "(cd /srv && make {{x}})",
+      "echo {{x}}>/tmp/out; X={{x}} env",
+      "echo '#' {{x}} \"quoted\" it\\'s",
+    ]
+  ) {
+    parseCatalog(
+      "t.yaml",
+      JSON.stringify({ tasks: { t: { command, params: { x: {} } } } }),
+      { timeoutMs: 0, maxAttempts: 1 },
+    );
+  }
 });
