@@ -1886,7 +1886,10 @@ function parseTask(
     for (const problem of placeholderProblems(command)) {
       complain(".command", problem);
     }
-    const declared = new Set(params.map((p) => p.name));
+    // Declared, even where its rules are wrong: one problem, not two.
+    const declared = new Set(
+      isRecord(value.params) ? Object.keys(value.params) : [],
+    );
     for (const [, used] of command.matchAll(PLACEHOLDER)) {
       if (!declared.has(used)) {
         complain(
@@ -2130,11 +2133,14 @@ function valueProblem(param: ParamSpec, value: unknown): string | undefined {
       if (!value.isWellFormed()) {
         return "is not well-formed Unicode (lone surrogate)";
       }
+      if (param.enum) {
+        // The list is the allowlist: what it names passes, dash or not.
+        return param.enum.includes(value)
+          ? undefined
+          : `must be one of ${param.enum.join(", ")}`;
+      }
       if (value.startsWith("-") && !param.allowDash) {
         return `starts with "-", which the command could read as an option (the catalog may set allow_dash: true)`;
-      }
-      if (param.enum && !param.enum.includes(value)) {
-        return `must be one of ${param.enum.join(", ")}`;
       }
       if (param.pattern && !param.pattern.test(value)) {
         return `must match ${param.pattern.source.slice(4, -2)}`;
@@ -2237,7 +2243,7 @@ export function bindParams(
       return fail(
         param.secret
           ? `parameter ${param.name} (secret, value not shown) ${
-            problem.replace(/ not .*$/, "")
+            problem.replace(/,? not .*$/, "")
           }`
           : `parameter ${param.name}: ${JSON.stringify(value)} ${problem}`,
       );

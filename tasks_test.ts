@@ -1865,7 +1865,7 @@ Deno.test("catalog: a bad catalog is refused with every problem named by file, t
   const bad = `
 tasks:
   a:
-    command: run {{x}} {{missing}} "at {{q}}" '{{q}}' \\'{{q}}
+    command: run {{x}} {{missing}} {{z}} "at {{q}}" '{{q}}' \\'{{q}}
     params:
       q: {}
       x: {type: integer, enum: [1], min: 5, max: 2}
@@ -1961,6 +1961,11 @@ Deno.test("named tasks: each parameter type's valid values are quoted in, invali
       { token: "-rf" },
       /token \(secret, value not shown\) starts with "-"/,
     ],
+    [
+      ["v1.2.3"],
+      { token: 12345 },
+      /token \(secret, value not shown\) must be a string$/,
+    ],
   ];
   for (const [args, kwargs, reason] of cases) {
     const bound = bindParams(deploy, args, kwargs);
@@ -1971,9 +1976,17 @@ Deno.test("named tasks: each parameter type's valid values are quoted in, invali
       assert.doesNotMatch(bound.reason, /-rf/, "a secret's value is not shown");
     }
   }
+  const dash = bindParams(deploy, ["-rf"], {});
+  assert.ok(!dash.ok && /version: "-rf" starts with "-"/.test(dash.reason));
+  const listed = catalog(
+    "tasks:\n  t:\n    command: ls {{flag}}\n    params:\n      flag: {enum: [-l, -a]}\n",
+  ).tasks.get("t")!;
+  assert.equal(
+    bindParams(listed, ["-l"], {}).ok,
+    true,
+    "an enum is the allowlist",
+  );
   const restart = catalog().tasks.get("restart")!;
-  const dash = bindParams(restart, ["-rf"], {});
-  assert.ok(!dash.ok && /"-rf" starts with "-"/.test(dash.reason));
   const wrong = bindParams(restart, ["apache"], {});
   assert.ok(
     !wrong.ok && /"apache" must be one of nginx, app/.test(wrong.reason),
