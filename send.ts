@@ -15,6 +15,7 @@ import {
   IronMqClient,
   type ParamSpec,
   planMessage,
+  QUEUE_NAME,
   QueueError,
   retry,
   Secrets,
@@ -68,7 +69,6 @@ interface Request {
   help: boolean;
 }
 
-const QUEUE_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 const VALUE_OPTIONS = ["--eta", "--delay", "--queue", "--text"];
 
 /** The command line read, or what is wrong with it. */

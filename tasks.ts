@@ -1542,6 +1542,9 @@ export type MessagePlan =
   | { kind: "hold"; untilMs: number; meta: MessageMeta }
   | { kind: "revoke"; reason: string; meta: MessageMeta };
 
+/** A queue name this worker accepts (its own, a dead-letter, a reply or results queue). */
+export const QUEUE_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
 /** Celery's message fields that this worker reads, and those it accepts and ignores. */
 const CELERY_FIELDS = [
   "id",
@@ -1641,7 +1644,7 @@ export function planMessage(
   if (typeof message.id === "string") meta.taskId = message.id;
   if (typeof message.task === "string") meta.task = message.task;
   if (typeof message.reply_to === "string") {
-    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(message.reply_to)) {
+    if (!QUEUE_NAME.test(message.reply_to)) {
       return reject(
         `"reply_to" must be a queue name (letters, digits, '_', '-', '.')`,
       );
@@ -2728,7 +2731,7 @@ function queueSettings(
   const shown = (s: Sourced) => `${s.from}=${JSON.stringify(s.value)}`;
 
   const queueName = read.text("IRON_MQ_QUEUE_NAME", "my_queue");
-  if (!/^[A-Za-z0-9_.-]{1,64}$/.test(queueName)) {
+  if (!QUEUE_NAME.test(queueName)) {
     problems.push(
       `IRON_MQ_QUEUE_NAME=${
         JSON.stringify(queueName)
@@ -2887,7 +2890,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   }
   const resultsQueue = read.optional("TASK_RESULTS_QUEUE");
   if (resultsQueue !== undefined) {
-    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(resultsQueue)) {
+    if (!QUEUE_NAME.test(resultsQueue)) {
       problems.push(
         `TASK_RESULTS_QUEUE=${
           JSON.stringify(resultsQueue)

@@ -804,6 +804,14 @@ async function harness(
   return { ...await startTestQueue(serverOptions), log: memoryLog() };
 }
 
+/** Waits until `count` results are in the "replies" queue. */
+function untilResults(h: Harness, count: number): Promise<void> {
+  return until(
+    `${count} results in replies`,
+    async () => (await h.peek("replies")).length === count,
+  );
+}
+
 /** Waits until the one message is in jobs_failed and gone from jobs. */
 async function untilDeadLettered(h: Harness): Promise<void> {
   await until(
@@ -2118,10 +2126,7 @@ Deno.test({
             reply_to: "replies",
           }),
         ]);
-        await until(
-          "three results",
-          async () => (await h.peek("replies")).length === 3,
-        );
+        await untilResults(h, 3);
       } finally {
         await w.stop();
         pool.close();
@@ -2202,10 +2207,7 @@ Deno.test("named tasks: an eta holds a message back without running it; an expir
         reply_to: "replies",
       }),
     ]);
-    await until(
-      "two results",
-      async () => (await h.peek("replies")).length === 2,
-    );
+    await untilResults(h, 2);
   } finally {
     await w.stop();
   }
