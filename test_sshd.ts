@@ -157,11 +157,15 @@ export async function keygen(path: string, passphrase = ""): Promise<string> {
   return (await Deno.readTextFile(`${path}.pub`)).trim();
 }
 
-async function waitForBanner(port: number, sshd: Deno.ChildProcess) {
+async function waitForBanner(
+  port: number,
+  sshd: Deno.ChildProcess,
+  hostname: string,
+) {
   const deadline = Date.now() + 10_000;
   while (Date.now() < deadline) {
     try {
-      const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      const conn = await Deno.connect({ hostname, port });
       const buf = new Uint8Array(64);
       const n = await conn.read(buf);
       conn.close();
@@ -177,7 +181,7 @@ async function waitForBanner(port: number, sshd: Deno.ChildProcess) {
   }
   sshd.kill("SIGKILL");
   await sshd.status;
-  throw new Error(`sshd did not answer on 127.0.0.1:${port} within 10 s`);
+  throw new Error(`sshd did not answer on ${hostname}:${port} within 10 s`);
 }
 
 export interface SshdOptions {
@@ -188,6 +192,8 @@ export interface SshdOptions {
   /** Reuse a directory (host key, client key) from an earlier start. */
   dir?: string;
   port?: number;
+  /** Loopback addresses to listen on (at most 16); default 127.0.0.1. */
+  addresses?: string[];
 }
 
 /** Starts sshd on 127.0.0.1 with a fresh host key and client key. */
@@ -210,12 +216,16 @@ export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
   }
   if (Deno.uid() === 0) await Deno.mkdir("/run/sshd", { recursive: true });
   const port = options.port ?? freePort();
+  const addresses = options.addresses ?? ["127.0.0.1"];
   const [keyType, keyBase64] = hostPub.split(" ");
-  const knownHostsLine = `[127.0.0.1]:${port} ${keyType} ${keyBase64}`;
+  const knownHostsLine = `[${addresses[0]}]:${port} ${keyType} ${keyBase64}`;
   const knownHostsFile = `${dir}/known_hosts`;
-  await Deno.writeTextFile(knownHostsFile, knownHostsLine + "\n");
+  await Deno.writeTextFile(
+    knownHostsFile,
+    addresses.map((a) => `[${a}]:${port} ${keyType} ${keyBase64}\n`).join(""),
+  );
   const config = [
-    `ListenAddress 127.0.0.1:${port}`,
+    ...addresses.map((a) => `ListenAddress ${a}:${port}`),
     `HostKey ${hostKey}`,
     `AuthorizedKeysFile ${dir}/authorized_keys`,
     `PidFile ${dir}/sshd.pid`,
@@ -236,11 +246,11 @@ export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
     stdout: "null",
     stderr: "null",
   }).spawn();
-  await waitForBanner(port, child);
+  for (const address of addresses) await waitForBanner(port, child, address);
   let stopped = false;
   return {
     pid: child.pid,
-    host: "127.0.0.1",
+    host: addresses[0],
     port,
     user,
     dir,
