@@ -887,8 +887,12 @@ class LongPolls {
 
 type JsonObject = Record<string, unknown>;
 
-/** The body as text; 413 past the size limit, counted as it streams in. */
-async function readBody(request: Request): Promise<string> {
+/**
+ * The body as text; 413 past the size limit, counted as it streams in. A
+ * leading byte order mark is dropped, unless `verbatim` (a webhook's body
+ * is the message's, byte for byte).
+ */
+async function readBody(request: Request, verbatim = false): Promise<string> {
   const declared = Number(request.headers.get("content-length") ?? 0);
   if (declared > MAX_REQUEST_BYTES) throw tooLarge();
   let body: Uint8Array | undefined;
@@ -899,7 +903,7 @@ async function readBody(request: Request): Promise<string> {
     throw new ClientGone();
   }
   if (body === undefined) throw tooLarge();
-  return new TextDecoder().decode(body);
+  return new TextDecoder("utf-8", { ignoreBOM: verbatim }).decode(body);
 }
 
 function tooLarge(): ApiError {
@@ -1259,7 +1263,7 @@ function buildRoutes(store: QueueStore, polls: LongPolls): Route[] {
     }),
     route(`${queue}/webhook`, {
       POST: async (context) => {
-        const body = await readBody(context.request);
+        const body = await readBody(context.request, true);
         if (body === "") {
           throw badRequest(
             "Request body is empty: the webhook body becomes the message body",

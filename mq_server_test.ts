@@ -355,9 +355,9 @@ Deno.test("messages: post, reserve, get, peek, delete", async () => {
   });
 });
 
-Deno.test("messages: webhook body becomes one message", async () => {
+Deno.test("messages: webhook body becomes one message, byte for byte (a byte order mark too)", async () => {
   await withServer(async (api) => {
-    const raw = '{"not": "parsed"} \u00e9';
+    const raw = '\uFEFF{"not": "parsed"} \u00e9';
     const answer = await api.call("POST", "/queues/hooks/webhook", raw, {
       "content-type": "text/plain",
     });
