@@ -59,7 +59,12 @@ async function main(): Promise<number> {
     return 2;
   }
   const secrets = new Secrets([config.queue.token, config.ssh.passphrase]);
-  const log = await setupLogging(output.write, config.logLevel, secrets);
+  const log = await setupLogging(
+    output.write,
+    config.logLevel,
+    secrets,
+    config.logFormat,
+  );
 
   let server: QueueServer | undefined;
   if (config.embedded) {
@@ -313,6 +318,7 @@ export class Worker {
       plan.kind === "run" ? plan.secrets : [],
     );
     const named = plan.meta.task === undefined ? "" : ` (${plan.meta.task})`;
+    const about = fieldsOf(held);
     const owed = this.attempts.owed(id);
     if (owed !== undefined) {
       // Its outcome is known here, but its dead-letter record or its result
@@ -321,6 +327,7 @@ export class Worker {
         `message ${id}${named}: not run again: its ${owed.status} ${
           owed.kind === "record" ? "dead-letter record" : "result"
         } is still to be posted`,
+        about,
       );
       return owed.kind === "record"
         ? this.settler.deadLetter(held, owed.failure, owed.status)
@@ -330,6 +337,7 @@ export class Worker {
       case "reject":
         log.error(
           `message ${id}${named}: will not run anything: ${plan.reason}`,
+          about,
         );
         return this.settler.deadLetter(
           held,
@@ -337,7 +345,7 @@ export class Worker {
           "REJECTED",
         );
       case "revoke":
-        log.warn(`message ${id}${named}: revoked: ${plan.reason}`);
+        log.warn(`message ${id}${named}: revoked: ${plan.reason}`, about);
         return this.settler.revoke(held, plan.reason);
       case "hold": {
         const seconds = Math.ceil((plan.untilMs - clock.now()) / 1000);
@@ -345,6 +353,7 @@ export class Worker {
           `message ${id}${named}: held back until its eta, ${
             new Date(plan.untilMs).toISOString()
           }`,
+          about,
         );
         // IronMQ delays a release by at most 7 days: a later eta takes several.
         return this.settler.notRun(held, Math.min(604_800, seconds), "its eta");
@@ -358,17 +367,18 @@ export class Worker {
     if (hosts.length > 1) {
       log.info(
         `message ${id}: ${plan.meta.task ?? display} on ${hosts.length} hosts`,
+        about,
       );
     }
-    log.debug(`message ${id}${named}: attempt ${held.attempt}`);
+    log.debug(`message ${id}${named}: attempt ${held.attempt}`, about);
     const timeoutMs = plan.task?.timeoutMs ?? this.task.timeoutMs;
     const limit = `${timeoutMs / 1000} s (${
       plan.task ? "its timeout" : "TASK_TIMEOUT"
     })`;
     const runs = await this.fanOut(hosts, async (host) => {
-      log.info(`[${host.name}] run: ${display}`);
+      log.info(`[${host.name}] run: ${display}`, { ...about, host: host.name });
       const run = await this.execute(host, plan.command, timeoutMs, held);
-      logEnd(log, run, id, limit);
+      logEnd(log, run, id, limit, { ...about, host: host.name });
       return run;
     });
     held.runs = runs;
@@ -380,13 +390,14 @@ export class Worker {
       const ok = `message ${id}: ${
         hosts.length - failed.length
       } of ${hosts.length} hosts succeeded`;
-      if (failed.length === 0) log.info(ok);
+      if (failed.length === 0) log.info(ok, about);
       else {
         log.warn(
           `${ok}; failed: ${
             failed.map((r) => `${r.host.name} (${briefly(r.result, limit)})`)
               .join(", ")
           }`,
+          about,
         );
       }
     }
@@ -447,19 +458,20 @@ export class Worker {
     const { log, clock } = this.deps;
     const secrets = held.secrets ?? new Secrets([]);
     const prefix = `[${host.name}]`;
+    const about: LogFields = { ...fieldsOf(held), host: host.name };
     const stdout = new Tail();
     const stderr = new Tail();
     const out = new LineSplitter(
       (line) => {
         stdout.add(line);
-        log.info(`${prefix} out: ${line}`);
+        log.info(`${prefix} out: ${line}`, { ...about, stream: "stdout" });
       },
       { secrets },
     );
     const err = new LineSplitter(
       (line) => {
         stderr.add(line);
-        log.info(`${prefix} err: ${line}`);
+        log.info(`${prefix} err: ${line}`, { ...about, stream: "stderr" });
       },
       { secrets },
     );
@@ -517,31 +529,51 @@ export class Worker {
   }
 }
 
+/** What a message's log lines are about, for LOG_FORMAT=json. */
+function fieldsOf(held: Held): LogFields {
+  return { message_id: held.message.id, task: held.meta?.task };
+}
+
 /** A host's end, in the log: Fabric's `[host] exit: 0`, or what went wrong. */
-function logEnd(log: Log, run: RunRecord, id: string, limit: string): void {
+function logEnd(
+  log: Log,
+  run: RunRecord,
+  id: string,
+  limit: string,
+  about: LogFields,
+): void {
   const prefix = `[${run.host.name}]`;
   const took = `${run.finishedAt - run.startedAt} ms`;
   const { result } = run;
   switch (result.kind) {
     case "exit":
       if (result.code === 0) {
-        return log.info(`${prefix} exit: 0 (message ${id}, ${took})`);
+        return log.info(`${prefix} exit: 0 (message ${id}, ${took})`, about);
       }
       return log.warn(
         `${prefix} exit: ${result.code} (message ${id}, ${took})`,
+        about,
       );
     case "signal":
       return log.warn(
         `${prefix} killed by signal ${result.signal} (message ${id}, ${took})`,
+        about,
       );
     case "timeout":
       return log.warn(
         `${prefix} timed out after ${limit}: stopped (message ${id})`,
+        about,
       );
     case "aborted":
-      return log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
+      return log.warn(
+        `${prefix} stopped by shutdown (message ${id}, ${took})`,
+        about,
+      );
     case "ssh-error":
-      return log.error(`${prefix} ssh error: ${result.error} (message ${id})`);
+      return log.error(
+        `${prefix} ssh error: ${result.error} (message ${id})`,
+        about,
+      );
   }
 }
 
@@ -714,6 +746,7 @@ class Settler {
     const tracked = work.catch((e) =>
       this.deps.log.error(
         `message ${held.message.id}: unexpected error: ${errorText(e)}`,
+        fieldsOf(held),
       )
     ).finally(() => this.pending.delete(tracked));
     this.pending.add(tracked);
@@ -770,6 +803,7 @@ class Settler {
       // Most often our own earlier try landed and only its reply was lost.
       this.deps.log.info(
         `message ${id}: already gone from the queue when deleted`,
+        fieldsOf(held),
       );
       return;
     }
@@ -780,6 +814,7 @@ class Settler {
       `message ${id}: ${
         status === "SUCCESS" ? "the command succeeded but " : ""
       }the delete did not: ${why}`,
+      fieldsOf(held),
     );
   }
 
@@ -858,10 +893,12 @@ class Settler {
       if (post.what === "continuation") {
         log.info(
           `message ${held.message.id}: the failed hosts run again as message ${id} in ${post.delaySeconds} s`,
+          fieldsOf(held),
         );
       } else {
         log.debug(
           `message ${held.message.id}: ${what} posted to ${post.queue}`,
+          fieldsOf(held),
         );
       }
       return true;
@@ -870,6 +907,7 @@ class Settler {
         `message ${held.message.id}: cannot post its ${what} to ${post.queue} (${
           errorText(e)
         })`,
+        fieldsOf(held),
       );
       return false;
     }
@@ -894,12 +932,14 @@ class Settler {
       );
       this.deps.log.info(
         `message ${id}: released for a retry in ${delaySeconds} s (${why})`,
+        fieldsOf(held),
       );
     } catch (e) {
       this.deps.log.warn(
         `message ${id}: release failed (${
           errorText(e)
         }); it returns to the queue when its reservation times out (${why})`,
+        fieldsOf(held),
       );
     }
   }
@@ -962,6 +1002,7 @@ class Settler {
         `message ${message.id}: cannot record it in ${dlq} (${
           errorText(e)
         }); keeping it in ${this.queueName}, where it will not run again`,
+        fieldsOf(held),
       );
       this.attempts.owe(message.id, { kind: "record", status, failure });
       return await this.release(
@@ -974,6 +1015,7 @@ class Settler {
       `message ${message.id}: moved to ${where} after ${held.attempt} attempt(s): ${
         mask(failure.reason)
       }`,
+      fieldsOf(held),
     );
     await this.finish(held, status, failure.reason);
   }
@@ -2798,12 +2840,22 @@ function narrowHosts(
 // Logging: one event a line on stdout, never blocking; svlogd adds the time
 // ---------------------------------------------------------------------------
 
-export interface Log {
-  debug(text: string): void;
-  info(text: string): void;
-  warn(text: string): void;
-  error(text: string): void;
+/** What a line is about, for LOG_FORMAT=json (the text form has it in the line). */
+export interface LogFields {
+  message_id?: string;
+  task?: string;
+  host?: string;
+  stream?: "stdout" | "stderr";
 }
+
+export interface Log {
+  debug(text: string, fields?: LogFields): void;
+  info(text: string, fields?: LogFields): void;
+  warn(text: string, fields?: LogFields): void;
+  error(text: string, fields?: LogFields): void;
+}
+
+const LOG_FIELDS = ["message_id", "task", "host", "stream"] as const;
 
 const LEVEL_PREFIX: Record<string, string> = {
   trace: "DEBUG ",
@@ -2862,12 +2914,28 @@ export function escapeControls(text: string): string {
 
 /** Formats a record as one line: secrets masked, control characters made visible. */
 export function formatRecord(record: LogRecord, secrets: Secrets): string {
+  return `${LEVEL_PREFIX[record.level] ?? ""}${messageOf(record, secrets)}`;
+}
+
+/** LOG_FORMAT=json: one JSON object a line, for log shippers. */
+export function formatJson(record: LogRecord, secrets: Secrets): string {
+  const line: Record<string, unknown> = {
+    time: new Date(record.timestamp).toISOString(),
+    level: record.level === "warning" ? "warn" : record.level,
+    message: messageOf(record, secrets),
+  };
+  for (const field of LOG_FIELDS) {
+    const value = record.properties[field];
+    if (typeof value === "string") line[field] = escapeControls(value);
+  }
+  return JSON.stringify(line);
+}
+
+function messageOf(record: LogRecord, secrets: Secrets): string {
   const text = record.message.map((part) =>
     typeof part === "string" ? part : JSON.stringify(part)
   ).join("");
-  return `${LEVEL_PREFIX[record.level] ?? ""}${
-    escapeControls(secrets.mask(text))
-  }`;
+  return escapeControls(secrets.mask(text));
 }
 
 /**
@@ -2936,10 +3004,12 @@ export async function setupLogging(
   write: (line: string) => void,
   level: LogLevelName,
   secrets: Secrets,
+  format: LogFormat = "text",
 ): Promise<Log> {
+  const formatter = format === "json" ? formatJson : formatRecord;
   await configure({
     reset: true,
-    sinks: { lines: (record) => write(formatRecord(record, secrets)) },
+    sinks: { lines: (record) => write(formatter(record, secrets)) },
     loggers: [
       { category: ["tasks"], lowestLevel: level, sinks: ["lines"] },
       {
@@ -2950,12 +3020,14 @@ export async function setupLogging(
     ],
   });
   const logger = getLogger(["tasks"]);
+  const about = (fields?: LogFields) =>
+    fields === undefined ? logger : logger.with({ ...fields });
   // Tagged templates keep braces in command output from being read as placeholders.
   return {
-    debug: (text) => logger.debug`${text}`,
-    info: (text) => logger.info`${text}`,
-    warn: (text) => logger.warn`${text}`,
-    error: (text) => logger.error`${text}`,
+    debug: (text, fields) => about(fields).debug`${text}`,
+    info: (text, fields) => about(fields).info`${text}`,
+    warn: (text, fields) => about(fields).warn`${text}`,
+    error: (text, fields) => about(fields).error`${text}`,
   };
 }
 
@@ -3032,6 +3104,7 @@ class Tail {
 
 type HostKeyPolicy = "yes" | "accept-new";
 type LogLevelName = "debug" | "info" | "warning" | "error";
+type LogFormat = "text" | "json";
 
 interface QueueConfig {
   /** scheme://host:port of the IronMQ API, no trailing slash. */
@@ -3087,6 +3160,8 @@ export interface Config {
   ssh: SshConfig;
   task: TaskConfig;
   logLevel: LogLevelName;
+  /** LOG_FORMAT: Fabric-style text lines for svlogd, or JSON objects. */
+  logFormat: LogFormat;
   /** Parameters a catalog declares and never uses, to say at start. */
   warnings: string[];
 }
@@ -3438,6 +3513,10 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
       "TASK_DEAD_LETTER_QUEUE: must differ from IRON_MQ_QUEUE_NAME",
     );
   }
+  const logFormat = read.choice<LogFormat>("LOG_FORMAT", "text", [
+    "text",
+    "json",
+  ]);
   const logLevel = read.choice<LogLevelName>("LOG_LEVEL", "info", [
     "debug",
     "info",
@@ -3452,6 +3531,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     ssh,
     task,
     logLevel,
+    logFormat,
     warnings,
   };
 }

@@ -35,6 +35,7 @@ import {
   type RunIo,
   type RunResult,
   Secrets,
+  setupLogging,
   shellQuote,
   SshHosts,
   type TaskConfig,
@@ -447,6 +448,47 @@ Deno.test("log format: plain for info, marked for problems, secrets masked", () 
     ),
     "ERROR token [redacted]\\nnext",
   );
+});
+
+Deno.test("log format: LOG_FORMAT=json writes one object a line with message id, task, host and stream, secrets masked", async () => {
+  const lines: string[] = [];
+  const log = await setupLogging(
+    (line) => lines.push(line),
+    "info",
+    new Secrets(["s3cr3t-tok"]),
+    "json",
+  );
+  log.info("[web1] out: token s3cr3t-tok {x}\u2028forged", {
+    message_id: "12",
+    task: "deploy",
+    host: "web1",
+    stream: "stdout",
+  });
+  log.warn("message 12: released");
+  log.debug("not at info");
+  assert.equal(lines.length, 2);
+  assert.ok(lines.every((l) => !l.includes("\n") && !l.includes("\u2028")));
+  const [out, warn] = lines.map((l) => JSON.parse(l));
+  assert.match(out.time, /^\d{4}-\d\d-\d\dT/);
+  assert.deepEqual({ ...out, time: undefined }, {
+    time: undefined,
+    level: "info",
+    message: "[web1] out: token [redacted] {x}\\u2028forged",
+    message_id: "12",
+    task: "deploy",
+    host: "web1",
+    stream: "stdout",
+  });
+  assert.deepEqual({ ...warn, time: undefined }, {
+    time: undefined,
+    level: "warn",
+    message: "message 12: released",
+  });
+  assert.throws(
+    () => parseConfig({ LOG_FORMAT: "xml", SSH_KEY_FILE: "/k" }, context()),
+    /LOG_FORMAT="xml": must be one of text, json/,
+  );
+  await setupLogging(() => {}, "info", new Secrets([]));
 });
 
 // ---------------------------------------------------------------------------
