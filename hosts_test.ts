@@ -632,7 +632,10 @@ Deno.test({
             /closing a connection unused for 1 s \(SSH_IDLE_TIMEOUT\)/.test(l)
           ),
       );
-      await hosts.run(config.task.hosts[0], "true", io);
+      assert.deepEqual(await hosts.run(config.task.hosts[0], "true", io), {
+        kind: "exit",
+        code: 0,
+      });
       assert.equal(connected(), 2);
     } finally {
       hosts.close();

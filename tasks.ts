@@ -372,9 +372,8 @@ export class Worker {
     }
     log.debug(`message ${id}${named}: attempt ${held.attempt}`, about);
     const timeoutMs = plan.task?.timeoutMs ?? this.task.timeoutMs;
-    const limit = `${timeoutMs / 1000} s (${
-      plan.task ? "its timeout" : "TASK_TIMEOUT"
-    })`;
+    const limit = `${timeoutMs / 1000} s`;
+    const limitSource = plan.task ? "its timeout" : "TASK_TIMEOUT";
     const runs = await this.fanOut(hosts, async (host) => {
       log.info(`[${host.name}] run: ${display}`, { ...about, host: host.name });
       const run = await this.execute(host, plan.command, timeoutMs, held);
@@ -422,7 +421,7 @@ export class Worker {
         )
         : this.settler.notRun(held, this.task.retryDelaySeconds, "SSH failed");
     }
-    const failure = failureOf(failed, runs.length, limit);
+    const failure = failureOf(failed, runs.length, limit, limitSource);
     // Only the failed hosts run again; those that succeeded never do.
     if (failed.length < runs.length) {
       failure.hosts = failed.map((r) => r.host.name);
@@ -597,12 +596,21 @@ function briefly(result: RunResult, limit: string): string {
 }
 
 /** Why a message failed: its one host's outcome, or which of its hosts failed and how. */
-function failureOf(failed: RunRecord[], hosts: number, limit: string): Failure {
+function failureOf(
+  failed: RunRecord[],
+  hosts: number,
+  limit: string,
+  limitSource: string,
+): Failure {
   if (hosts === 1) {
     const { result, stderr } = failed[0];
     return {
       reason: result.kind === "exit"
         ? `exit status ${result.code}`
+        : result.kind === "timeout"
+        ? `timed out after ${limit} (${limitSource})`
+        : result.kind === "ssh-error"
+        ? `ssh: ${result.error}`
         : briefly(result, limit),
       exitStatus: result.kind === "exit"
         ? result.code
@@ -4837,6 +4845,9 @@ class HostPool {
     const { idleTimeoutMs } = this.settings.ssh;
     connection.idleTimer = setTimeout(() => {
       if (connection.active > 0 || connection.closed) return;
+      // Closed from now on: no command may take it while it ends.
+      connection.closed = true;
+      this.connections.splice(this.connections.indexOf(connection), 1);
       this.settings.log.debug(
         `ssh ${this.where}: closing a connection unused for ${
           idleTimeoutMs / 1000
