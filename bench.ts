@@ -26,6 +26,7 @@ import { Client, type ConnectConfig } from "ssh2";
 import {
   checkHostKey,
   type CommandRunner,
+  type HostSpec,
   IronMqClient,
   loadSshCredentials,
   type Log,
@@ -37,7 +38,7 @@ import {
   type RunResult,
   Secrets,
   setupLogging,
-  SshPool,
+  SshHosts,
   Worker,
 } from "./tasks.ts";
 import {
@@ -389,8 +390,12 @@ class CountingRunner implements CommandRunner {
     return this.inner.ready(signal);
   }
 
-  async run(command: string, io: RunIo): Promise<RunResult> {
-    const result = await this.inner.run(command, io);
+  reachable(): boolean {
+    return this.inner.reachable();
+  }
+
+  async run(host: HostSpec, command: string, io: RunIo): Promise<RunResult> {
+    const result = await this.inner.run(host, command, io);
     if (result.kind !== "exit" || result.code !== 0) {
       this.failures.push(`${command}: ${JSON.stringify(result)}`);
     }
@@ -448,15 +453,19 @@ async function startWorker(
     exists: () => false,
   });
   const { task, ssh } = config;
-  const pool = new SshPool(
+  const pool = new SshHosts(
     ssh,
     loadSshCredentials(ssh),
+    task.hosts,
     task.concurrency,
     rig.log,
   );
   // As many commands at once as the worker runs opens every connection it will use.
   const warm = await Promise.all(
-    Array.from({ length: task.concurrency }, () => pool.run("true", quietIo())),
+    Array.from(
+      { length: task.concurrency },
+      () => pool.run(task.hosts[0], "true", quietIo()),
+    ),
   );
   if (warm.some((r) => r.kind !== "exit" || r.code !== 0)) {
     pool.close();
@@ -471,7 +480,6 @@ async function startWorker(
       log: rig.log,
       clock: realClock,
     },
-    ssh.host,
     queueName,
   );
   const controller = new AbortController();
