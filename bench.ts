@@ -6,12 +6,15 @@
  * noisy) against a real sshd on loopback and the embedded queue server with a
  * file database in a temporary directory, then prints one table with the
  * targets of issue 5. The drain and pickup measures run the worker in-process
- * (IronMqClient + SshPool + Worker, logging at info into a sink that drops the
+ * (IronMqClient + SshHosts + Worker, logging at info into a sink that drops the
  * formatted lines); the memory measure runs the worker as a process through
  * ./start, as `deno task start` and runit do (its permissions, its V8 flags).
  * The far-away queue rows drain the same way through test_support's proxy,
  * which adds a fixed latency to every queue request (hosted IronMQ from another
  * region is 40 to 180 ms away), next to the loopback drain of the same run.
+ * The many-hosts rows (issue 11) run `true` on 50 loopback hosts by the raw
+ * ssh2 floor, the worker process (SSH_HOST a comma list), Fabric, pssh and
+ * Ansible, against the same hosts, each tool skipped with the reason if missing.
  *
  * Sizes come from flags or BENCH_* variables (see SIZE_SETTINGS); 0 skips a
  * measure, `--smoke` starts from tiny sizes.
