@@ -11,6 +11,7 @@ import {
   parseConfig,
   parseHostList,
   parseJump,
+  permissionFlags,
   planMessage,
   realClock,
   servedHosts,
@@ -639,4 +640,127 @@ Deno.test({
       await Deno.remove(sshd.dir, { recursive: true });
     }
   },
+});
+
+Deno.test({
+  name:
+    "hosts: the worker holds back only while every host is unreachable; one host up is enough",
+  ...sshdTest,
+  async fn() {
+    const sshd = await startSshd();
+    const down = `127.0.0.9:${freePort()}`;
+    const log = memoryLog();
+    const runnerFor = (list: string) => {
+      const config = configFor(sshd, sshd.knownHostsFile, undefined, {
+        SSH_HOST: list,
+      });
+      return {
+        config,
+        hosts: new SshHosts(
+          config.ssh,
+          loadSshCredentials(config.ssh),
+          config.task.hosts,
+          1,
+          log,
+        ),
+      };
+    };
+    const io = {
+      onStdout: () => {},
+      onStderr: () => {},
+      timeoutMs: 0,
+      signal: new AbortController().signal,
+    };
+    const allDown = runnerFor(`${down},127.0.0.10:${freePort()}`);
+    const oneUp = runnerFor(`${down},127.0.0.1`);
+    try {
+      await assert.rejects(allDown.hosts.ready(AbortSignal.timeout(1_500)));
+      assert.equal(allDown.hosts.reachable(), false);
+      assert.match(
+        log.lines.join("\n"),
+        /ssh: none of the 2 hosts can be reached: connection refused/,
+      );
+
+      // The first host is down: the others are tried at once.
+      await oneUp.hosts.ready(AbortSignal.timeout(10_000));
+      const [first] = oneUp.config.task.hosts;
+      const result = await oneUp.hosts.run(first, "true", io);
+      assert.equal(result.kind, "ssh-error");
+      assert.equal(oneUp.hosts.reachable(), true);
+    } finally {
+      allDown.hosts.close();
+      oneUp.hosts.close();
+      await sshd.stop();
+      await Deno.remove(sshd.dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test("hosts: a message's hosts run at most TASK_HOST_PARALLELISM at once, and ./start grants only the first hop", async () => {
+  const queue = await startTestQueue();
+  const sshd = {
+    host: "127.0.0.1",
+    port: 22,
+    user: "op",
+    dir: "/nonexistent",
+    clientKeyFile: "/nonexistent/key",
+  } as Sshd;
+  const config = configFor(sshd, "/dev/null", undefined, {
+    SSH_HOST: "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5",
+    SSH_PROXY_JUMP: "bastion.example:2022",
+    TASK_HOST_PARALLELISM: "2",
+    TASK_RESULTS_QUEUE: "replies",
+    SSH_KEY_FILE: "",
+    SSH_AUTH_SOCK: "/tmp/agent",
+  });
+  let running = 0;
+  let most = 0;
+  const ran: string[] = [];
+  const runner = {
+    ready: () => Promise.resolve(),
+    reachable: () => true,
+    run: async (host: { name: string }) => {
+      running++;
+      most = Math.max(most, running);
+      ran.push(host.name);
+      await new Promise((r) => setTimeout(r, 20));
+      running--;
+      return { kind: "exit" as const, code: 0 };
+    },
+    close: () => {},
+  };
+  const log = memoryLog();
+  const worker = new Worker(
+    config.task,
+    { queue: queue.client, runner, log, clock: realClock },
+    "jobs",
+  );
+  const controller = new AbortController();
+  const done = worker.run(controller.signal);
+  try {
+    await queue.post(["go"]);
+    await until(
+      "the result",
+      async () => (await queue.peek("replies")).length === 1,
+    );
+    assert.equal(most, 2);
+    assert.deepEqual(ran.sort(), [
+      "10.0.0.1",
+      "10.0.0.2",
+      "10.0.0.3",
+      "10.0.0.4",
+      "10.0.0.5",
+    ]);
+  } finally {
+    controller.abort();
+    await done;
+    await queue.close();
+  }
+  const net = permissionFlags(config, [], false).find((f) =>
+    f.startsWith("--allow-net=")
+  );
+  assert.equal(
+    net,
+    "--allow-net=127.0.0.1:8080,bastion.example:2022,unix:/tmp/agent",
+  );
 });
