@@ -6,12 +6,15 @@
  * noisy) against a real sshd on loopback and the embedded queue server with a
  * file database in a temporary directory, then prints one table with the
  * targets of issue 5. The drain and pickup measures run the worker in-process
- * (IronMqClient + SshPool + Worker, logging at info into a sink that drops the
+ * (IronMqClient + SshHosts + Worker, logging at info into a sink that drops the
  * formatted lines); the memory measure runs the worker as a process through
  * ./start, as `deno task start` and runit do (its permissions, its V8 flags).
  * The far-away queue rows drain the same way through test_support's proxy,
  * which adds a fixed latency to every queue request (hosted IronMQ from another
  * region is 40 to 180 ms away), next to the loopback drain of the same run.
+ * The many-hosts rows (issue 11) run `true` on 50 loopback hosts by the raw
+ * ssh2 floor, the worker process (SSH_HOST a comma list), Fabric, pssh and
+ * Ansible, against the same hosts, each tool skipped with the reason if missing.
  *
  * Sizes come from flags or BENCH_* variables (see SIZE_SETTINGS); 0 skips a
  * measure, `--smoke` starts from tiny sizes.
@@ -22,14 +25,16 @@ import { Buffer } from "node:buffer";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 // @ts-types="@types/ssh2"
-import { Client } from "ssh2";
+import { Client, type ConnectConfig } from "ssh2";
 import {
+  checkHostKey,
   type CommandRunner,
   type HostSpec,
   IronMqClient,
   loadSshCredentials,
   type Log,
   parseConfig,
+  parseKnownHosts,
   planCommand,
   realClock,
   type RunIo,
@@ -39,9 +44,26 @@ import {
   SshHosts,
   Worker,
 } from "./tasks.ts";
-import { type Env, type QueueServer, startQueueServer } from "./mq_server.ts";
-import { run, type Sshd, startSshd } from "./test_sshd.ts";
-import { sleep, startQueueProxy } from "./test_support.ts";
+import {
+  type Env,
+  errorText,
+  isRecord,
+  type QueueServer,
+  startQueueServer,
+} from "./mq_server.ts";
+import {
+  type LoopbackHosts,
+  run,
+  type Sshd,
+  startLoopbackHosts,
+  startSshd,
+} from "./test_sshd.ts";
+import {
+  type Collected,
+  sleep,
+  spawnCollecting,
+  startQueueProxy,
+} from "./test_support.ts";
 
 // ---------------------------------------------------------------------------
 // Options: flags beat BENCH_* variables beat the defaults
@@ -72,6 +94,16 @@ export interface Sizes {
   wakes: number;
   /** Seconds the worker process is left idle before its memory is read. */
   settle: number;
+  /** Loopback hosts for the many-hosts measures (at most 254; 0 skips them all). */
+  hosts: number;
+  /** Cold runs (at least one) of each contender on those hosts; one worker start each. */
+  hostCold: number;
+  /** Warm fan-outs of the floor and the worker. */
+  hostWarm: number;
+  /** Ansible runs (about half a minute each). */
+  ansible: number;
+  /** Connections per host for the worker's RSS measure (TASK_CONCURRENCY). */
+  hostConnections: number;
 }
 
 export const FULL_SIZES: Sizes = {
@@ -89,6 +121,11 @@ export const FULL_SIZES: Sizes = {
   mq: 5000,
   wakes: 200,
   settle: 5,
+  hosts: 50,
+  hostCold: 3,
+  hostWarm: 10,
+  ansible: 1,
+  hostConnections: 4,
 };
 
 export const SMOKE_SIZES: Sizes = {
@@ -104,6 +141,11 @@ export const SMOKE_SIZES: Sizes = {
   mq: 200,
   wakes: 5,
   settle: 0.2,
+  hosts: 4,
+  hostCold: 1,
+  hostWarm: 2,
+  ansible: 0,
+  hostConnections: 2,
 };
 
 /** Each size's flag (`--baseline-sleep=2`) and variable (`BENCH_BASELINE_SLEEP=2`). */
@@ -609,21 +651,32 @@ function sampleRss(pid: number, everyMs: number) {
   };
 }
 
-/** The worker through ./start with only the bench's settings (and what Deno needs to find its cache). */
-function spawnWorkerProcess(rig: Rig, queueName: string) {
+/** The bench's settings for the worker process (and what Deno needs to find its cache). */
+function workerProcessEnv(
+  rig: Rig,
+  queueName: string,
+  extra: Env,
+): Record<string, string> {
   const own = Deno.env.toObject();
   const settings: Env = {
     PATH: own.PATH,
     HOME: own.HOME,
     DENO_DIR: own.DENO_DIR,
     NO_COLOR: "1",
-    ...workerEnv(rig, queueName, { LOG_LEVEL: "warning" }),
+    ...workerEnv(rig, queueName, extra),
   };
   const env: Record<string, string> = {};
   for (const [name, value] of Object.entries(settings)) {
     if (value !== undefined) env[name] = value;
   }
-  const repo = fileURLToPath(new URL(".", import.meta.url));
+  return env;
+}
+
+const repo = fileURLToPath(new URL(".", import.meta.url));
+
+/** The worker through ./start with only the bench's settings. */
+function spawnWorkerProcess(rig: Rig, queueName: string) {
+  const env = workerProcessEnv(rig, queueName, { LOG_LEVEL: "warning" });
   return new Deno.Command(`${repo}/start`, {
     cwd: repo,
     clearEnv: true,
@@ -727,7 +780,22 @@ function hostKeyOf(sshd: Sshd): Buffer {
 
 function connectSsh(sshd: Sshd, noDelay: boolean): Promise<Client> {
   const expected = hostKeyOf(sshd);
-  const privateKey = Buffer.from(Deno.readFileSync(sshd.clientKeyFile));
+  return connectTo({
+    host: sshd.host,
+    port: sshd.port,
+    username: sshd.user,
+    privateKey: Buffer.from(Deno.readFileSync(sshd.clientKeyFile)),
+    hostVerifier: (key: Buffer) => key.equals(expected),
+  }, noDelay);
+}
+
+function connectTo(
+  target: Pick<
+    ConnectConfig,
+    "host" | "port" | "username" | "privateKey" | "hostVerifier"
+  >,
+  noDelay: boolean,
+): Promise<Client> {
   return new Promise((resolve, reject) => {
     const client = new Client();
     let ready = false;
@@ -739,14 +807,7 @@ function connectSsh(sshd: Sshd, noDelay: boolean): Promise<Client> {
     client.on("error", (e: Error) => {
       if (!ready) reject(e);
     });
-    client.connect({
-      host: sshd.host,
-      port: sshd.port,
-      username: sshd.user,
-      privateKey,
-      hostVerifier: (key: Buffer) => key.equals(expected),
-      readyTimeout: 15_000,
-    });
+    client.connect({ ...target, readyTimeout: 15_000 });
   });
 }
 
@@ -1038,6 +1099,584 @@ async function measureWakeUps(rig: Rig, count: number): Promise<number[]> {
 }
 
 // ---------------------------------------------------------------------------
+// 6. Many hosts: `true` on every one of N loopback hosts at once, by the raw
+//    ssh2 floor, the worker process, Fabric, pssh and Ansible, side by side
+// ---------------------------------------------------------------------------
+
+/** Samples in ms, or why they are missing (a tool not installed, a failure). */
+type Samples = number[] | { skipped: string };
+
+export interface HostsFanOut {
+  hosts: number;
+  /** Connect to every host at once and exec `true` on each (ms, one per cold run). */
+  floorCold: number[];
+  /** `true` on every host at once over the open connections (ms). */
+  floorWarm: number[];
+  /** The worker process: post → result of its first message after a start (ms, one per start). */
+  workerCold: Samples;
+  /** Later messages, one at a time (ms). */
+  workerWarm: Samples;
+  /** SSH connections to the hosts open when each cold message was posted. */
+  openBeforeCold: number[];
+  /** Wall time of the whole tool run, its start included (ms). */
+  fabric: Samples;
+  pssh: Samples;
+  ansible: Samples;
+  rss?: HostsRss | { skipped: string };
+}
+
+interface HostsRss {
+  /** Connections per host the worker is configured for. */
+  perHost: number;
+  /** The most SSH connections to the hosts seen open at once. */
+  openSeen: number;
+  /** MB, the kernel's high-water mark (VmHWM) at the end. */
+  peakMb: number;
+  sampledPeakMb: number;
+}
+
+/** After its start line, the worker checks its settings and parks its first long-poll. */
+const WORKER_SETTLE_MS = 1_000;
+
+/** Waiting for one fan-out's result (or several at once). */
+const RESULT_TIMEOUT_MS = 60_000;
+
+/** Where an executable named `name` is on PATH, or undefined. */
+function onPath(name: string): string | undefined {
+  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
+    if (dir === "") continue;
+    try {
+      const stat = Deno.statSync(`${dir}/${name}`);
+      if (stat.isFile && ((stat.mode ?? 0) & 0o111) !== 0) {
+        return `${dir}/${name}`;
+      }
+    } catch {
+      // not here
+    }
+  }
+  return undefined;
+}
+
+/** Open TCP connections whose local port is `port`: sshd's side of each SSH connection. */
+function openConnections(port: number): number {
+  const hex = port.toString(16).toUpperCase().padStart(4, "0");
+  return Deno.readTextFileSync("/proc/net/tcp").split("\n").filter((line) => {
+    const fields = line.trim().split(/\s+/);
+    return fields[1]?.endsWith(`:${hex}`) && fields[3] === "01";
+  }).length;
+}
+
+// The raw floor: ssh2 in-process, every host at once
+
+async function connectAll(h: LoopbackHosts): Promise<Client[]> {
+  const privateKey = Buffer.from(await Deno.readFile(h.clientKeyFile));
+  const known = parseKnownHosts(await Deno.readTextFile(h.knownHostsFile));
+  const settled = await Promise.allSettled(h.hosts.map((host) =>
+    connectTo({
+      host,
+      port: h.port,
+      username: h.user,
+      privateKey,
+      hostVerifier: (key: Buffer) =>
+        checkHostKey(known, host, h.port, key) === "match",
+    }, true)
+  ));
+  const clients = settled.flatMap((s) =>
+    s.status === "fulfilled" ? [s.value] : []
+  );
+  const failed = settled.find((s) => s.status === "rejected");
+  if (failed) {
+    await Promise.all(clients.map(endSsh));
+    throw new Error(`floor: connecting failed: ${errorText(failed.reason)}`);
+  }
+  return clients;
+}
+
+/** `true` on every connection at once; resolves to the ms until the last ended. */
+async function execAll(clients: Client[]): Promise<number> {
+  const startedAt = performance.now();
+  const codes = await Promise.all(clients.map((c) => execOnce(c, "true")));
+  if (codes.some((code) => code !== 0)) {
+    throw new Error(`floor: true exited ${codes.join(",")}`);
+  }
+  return performance.now() - startedAt;
+}
+
+async function floorCold(h: LoopbackHosts): Promise<number> {
+  const startedAt = performance.now();
+  const clients = await connectAll(h);
+  try {
+    await execAll(clients);
+    return performance.now() - startedAt;
+  } finally {
+    await Promise.all(clients.map(endSsh));
+  }
+}
+
+async function floorWarm(h: LoopbackHosts, rounds: number): Promise<number[]> {
+  const clients = await connectAll(h);
+  try {
+    await execAll(clients); // the first channel on a connection costs more
+    const samples: number[] = [];
+    for (let i = 0; i < rounds; i++) {
+      samples.push(await execAll(clients));
+      await sleep(IDLE_GAP_MS);
+    }
+    return samples;
+  } finally {
+    await Promise.all(clients.map(endSsh));
+  }
+}
+
+// The worker as a process through ./start, SSH_HOST a comma list
+
+interface HostsWorker {
+  process: Collected;
+  /** Posts `bodies` at once; resolves to the ms from the post to the last result. */
+  fanOut(bodies: string[]): Promise<number>;
+  stop(): Promise<void>;
+}
+
+/** Checks a result: SUCCESS, and a host entry for every host. */
+function checkFanOutResult(body: string, hosts: string[]): void {
+  let result: unknown;
+  try {
+    result = JSON.parse(body);
+  } catch {
+    // reported below
+  }
+  const ran = isRecord(result) && isRecord(result.hosts)
+    ? Object.keys(result.hosts)
+    : [];
+  const ok = isRecord(result) && result.status === "SUCCESS" &&
+    hosts.every((host) => ran.includes(host));
+  if (!ok) {
+    throw new Error(
+      `the result is not SUCCESS on all ${hosts.length} hosts: ${
+        body.slice(0, 600)
+      }`,
+    );
+  }
+}
+
+async function startHostsWorker(
+  rig: Rig,
+  h: LoopbackHosts,
+  queueName: string,
+  extra: Env,
+): Promise<HostsWorker> {
+  const resultsQueue = `${queueName}_results`;
+  const results = rig.client(resultsQueue);
+  await results.ensureQueue();
+  await rig.client(queueName).ensureQueue();
+  const env = workerProcessEnv(rig, queueName, {
+    SSH_HOST: h.hosts.join(","),
+    SSH_PORT: String(h.port),
+    SSH_USER: h.user,
+    SSH_KEY_FILE: h.clientKeyFile,
+    SSH_KNOWN_HOSTS: h.knownHostsFile,
+    TASK_HOST_PARALLELISM: String(h.hosts.length),
+    TASK_RESULTS_QUEUE: resultsQueue,
+    ...extra,
+  });
+  const process = spawnCollecting(`${repo}/start`, [], env, repo);
+  const said = () => process.lines.slice(-15).join("\n  ");
+  const exited = process.child.status.then((status) => {
+    throw new Error(`the worker exited (${status.code}):\n  ${said()}`);
+  });
+  exited.catch(() => {}); // raced below; an exit after the stop is expected
+  const stop = async () => {
+    // The second signal, a second later, cuts the idle long-poll.
+    const timers = [
+      setTimeout(() => signal(process.child, "SIGTERM"), 1_100),
+      setTimeout(() => signal(process.child, "SIGKILL"), 15_000),
+    ];
+    await process.stop("SIGTERM");
+    timers.forEach(clearTimeout);
+  };
+  const fanOut = async (bodies: string[]) => {
+    const collected = (async () => {
+      const deadline = performance.now() + RESULT_TIMEOUT_MS;
+      let lastAt = 0;
+      const got: Awaited<ReturnType<IronMqClient["reserve"]>> = [];
+      while (got.length < bodies.length) {
+        const wait = Math.ceil((deadline - performance.now()) / 1000);
+        if (wait <= 0) {
+          throw new Error(
+            `${got.length} of ${bodies.length} results within ${RESULT_TIMEOUT_MS} ms`,
+          );
+        }
+        const messages = await results.reserve(
+          bodies.length - got.length,
+          60,
+          Math.min(wait, 30),
+        );
+        lastAt = performance.now();
+        got.push(...messages);
+      }
+      for (const m of got) checkFanOutResult(m.body, h.hosts);
+      await results.deleteBatch(
+        got.map((m) => ({ id: m.id, reservation_id: m.reservation_id })),
+      );
+      return lastAt;
+    })();
+    await sleep(20); // the results long-poll is parked in the server by now
+    const postedAt = performance.now();
+    await rig.client(queueName).post(queueName, bodies);
+    const lastAt = await Promise.race([collected, exited]);
+    return lastAt - postedAt;
+  };
+  try {
+    await Promise.race([process.line(/worker: queue /, 60_000), exited]);
+    await Promise.race([sleep(WORKER_SETTLE_MS), exited]);
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return {
+    process,
+    fanOut: async (bodies) => {
+      try {
+        return await fanOut(bodies);
+      } catch (e) {
+        throw new Error(`${errorText(e)}\n  worker said:\n  ${said()}`);
+      }
+    },
+    stop,
+  };
+}
+
+function signal(child: Deno.ChildProcess, name: Deno.Signal) {
+  try {
+    child.kill(name);
+  } catch {
+    // already gone
+  }
+}
+
+/** One worker start: its first message (cold), then `warm` more one at a time. */
+async function workerRun(
+  rig: Rig,
+  h: LoopbackHosts,
+  warm: number,
+): Promise<{ cold: number; openBefore: number; warm: number[] }> {
+  const worker = await startHostsWorker(rig, h, "hosts", {
+    TASK_COMMAND: "true",
+  });
+  try {
+    const openBefore = openConnections(h.port);
+    const cold = await worker.fanOut(["fan-out"]);
+    const warmMs: number[] = [];
+    for (let i = 0; i < warm; i++) {
+      await sleep(IDLE_GAP_MS);
+      warmMs.push(await worker.fanOut(["fan-out"]));
+    }
+    return { cold, openBefore, warm: warmMs };
+  } finally {
+    await worker.stop();
+  }
+}
+
+/**
+ * `perHost` messages of `sleep 1` at once, twice (the second time over the
+ * connections the first opened), with TASK_CONCURRENCY=perHost and one
+ * channel per connection: perHost connections to every host.
+ */
+async function measureHostsRss(
+  rig: Rig,
+  h: LoopbackHosts,
+  perHost: number,
+): Promise<HostsRss> {
+  const worker = await startHostsWorker(rig, h, "hosts_rss", {
+    TASK_COMMAND: "sleep 1",
+    TASK_CONCURRENCY: String(perHost),
+    SSH_CHANNELS_PER_CONNECTION: "1",
+  });
+  const pid = worker.process.child.pid;
+  const sampler = sampleRss(pid, 50);
+  let openSeen = 0;
+  let counting = true;
+  const count = (async () => {
+    while (counting) {
+      openSeen = Math.max(openSeen, openConnections(h.port));
+      await sleep(100);
+    }
+  })();
+  try {
+    const bodies = Array.from({ length: perHost }, () => "sleep");
+    for (let round = 0; round < 2; round++) await worker.fanOut(bodies);
+    return {
+      perHost,
+      openSeen,
+      peakMb: statusMb(pid, "VmHWM"),
+      sampledPeakMb: await sampler.stop(),
+    };
+  } finally {
+    counting = false;
+    await count;
+    await sampler.stop();
+    await worker.stop();
+  }
+}
+
+// Fabric, pssh and Ansible, each a process timed from its start to its end
+
+async function timed(
+  what: string,
+  command: string,
+  args: string[],
+  options: { env?: Record<string, string>; check?: (stdout: string) => void } =
+    {},
+): Promise<number> {
+  const startedAt = performance.now();
+  const out = await new Deno.Command(command, {
+    args,
+    env: options.env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const ms = performance.now() - startedAt;
+  const stdout = new TextDecoder().decode(out.stdout);
+  if (!out.success) {
+    const stderr = new TextDecoder().decode(out.stderr);
+    throw new Error(
+      `${what} exited ${out.code}: ${(stderr + stdout).trim().slice(-600)}`,
+    );
+  }
+  options.check?.(stdout);
+  return ms;
+}
+
+/** Fabric 2's ThreadingGroup, host keys from the hosts' known_hosts file only. */
+const FABRIC_SCRIPT = `
+import sys, fabric, paramiko
+hosts, port, user, key, known = sys.argv[1].split(","), int(sys.argv[2]), *sys.argv[3:6]
+group = fabric.ThreadingGroup(*hosts, user=user, port=port, connect_kwargs={
+    "key_filename": key, "look_for_keys": False, "allow_agent": False})
+for c in group:
+    c.client.load_host_keys(known)
+    c.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+results = group.run("true", hide=True)
+print(sum(1 for r in results.values() if r.ok))
+`;
+
+/** The first python3 that imports fabric (PATH's may be another Python than Debian's). */
+async function fabricPython(): Promise<string | { skipped: string }> {
+  for (const python of ["python3", "/usr/bin/python3"]) {
+    const probe = await new Deno.Command(python, {
+      args: ["-c", "import fabric"],
+      stdout: "null",
+      stderr: "null",
+    }).output().catch(() => undefined);
+    if (probe?.success) return python;
+  }
+  return {
+    skipped: "no python3 imports fabric (apt-get install python3-fabric)",
+  };
+}
+
+const countIs = (what: string, expected: number) => (stdout: string) => {
+  const got = Number(stdout.trim().split("\n").pop());
+  if (got !== expected) {
+    throw new Error(`${what}: ${got} of ${expected} hosts ok:\n${stdout}`);
+  }
+};
+
+async function fabricRun(python: string, h: LoopbackHosts): Promise<number> {
+  return await timed("fabric", python, [
+    "-c",
+    FABRIC_SCRIPT,
+    h.hosts.join(","),
+    String(h.port),
+    h.user,
+    h.clientKeyFile,
+    h.knownHostsFile,
+  ], { check: countIs("fabric", h.hosts.length) });
+}
+
+/** OpenSSH client options shared by pssh and Ansible: this key and these host keys only. */
+function sshOptions(h: LoopbackHosts): string[] {
+  return [
+    `UserKnownHostsFile=${h.knownHostsFile}`,
+    "StrictHostKeyChecking=yes",
+    "BatchMode=yes",
+    `IdentityFile=${h.clientKeyFile}`,
+    "IdentitiesOnly=yes",
+  ];
+}
+
+async function psshRun(
+  tool: string,
+  h: LoopbackHosts,
+  dir: string,
+): Promise<number> {
+  const hostsFile = `${dir}/pssh_hosts`;
+  await Deno.writeTextFile(hostsFile, h.hosts.join("\n") + "\n");
+  // Exit 0 only when every host's command exited 0.
+  return await timed("parallel-ssh", tool, [
+    "-p",
+    String(h.hosts.length),
+    "-h",
+    hostsFile,
+    "-l",
+    h.user,
+    "-t",
+    "60",
+    "-X",
+    "-p",
+    "-X",
+    String(h.port),
+    ...sshOptions(h).flatMap((o) => ["-O", o]),
+    "true",
+  ]);
+}
+
+/**
+ * Ansible's ad-hoc command module, with its own empty config, its own
+ * folders, and Debian's Python named (no interpreter discovery). Its SSH
+ * control masters (ControlPersist, as by default) are told to exit after.
+ */
+async function ansibleRun(
+  tool: string,
+  h: LoopbackHosts,
+  dir: string,
+): Promise<number> {
+  const home = await Deno.makeTempDir({ dir, prefix: "ansible-" });
+  const controls = `${home}/cp`;
+  const inventory = `${home}/inventory`;
+  const sshArgs = sshOptions(h).map((o) => `-o ${o}`).join(" ");
+  await Deno.writeTextFile(`${home}/ansible.cfg`, "");
+  await Deno.writeTextFile(
+    inventory,
+    [
+      "[all:vars]",
+      `ansible_port=${h.port}`,
+      `ansible_user=${h.user}`,
+      "ansible_python_interpreter=/usr/bin/python3",
+      `ansible_ssh_common_args='${sshArgs}'`,
+      "[all]",
+      ...h.hosts,
+    ].join("\n") + "\n",
+  );
+  try {
+    return await timed(
+      "ansible",
+      tool,
+      ["all", "-i", inventory, "-f", String(h.hosts.length), "-m", "command"]
+        .concat(["-a", "true"]),
+      {
+        env: {
+          ANSIBLE_CONFIG: `${home}/ansible.cfg`,
+          ANSIBLE_HOME: home,
+          ANSIBLE_LOCAL_TEMP: `${home}/tmp`,
+          ANSIBLE_SSH_CONTROL_PATH_DIR: controls,
+          ANSIBLE_NOCOLOR: "1",
+        },
+        check: (stdout) =>
+          countIs("ansible", h.hosts.length)(
+            String(
+              stdout.split("\n").filter((l) => / \| CHANGED /.test(l)).length,
+            ),
+          ),
+      },
+    );
+  } finally {
+    const masters: string[] = [];
+    try {
+      for await (const entry of Deno.readDir(controls)) {
+        masters.push(`${controls}/${entry.name}`);
+      }
+    } catch {
+      // none started
+    }
+    for (const master of masters) {
+      await new Deno.Command("ssh", {
+        args: ["-o", `ControlPath=${master}`, "-O", "exit", "x"],
+        stdout: "null",
+        stderr: "null",
+      }).output();
+    }
+  }
+}
+
+/** `samples` with one more, or why not: a failure is kept as the reason. */
+async function addSample(
+  samples: Samples,
+  measure: () => Promise<number>,
+): Promise<Samples> {
+  if (!Array.isArray(samples)) return samples;
+  try {
+    return [...samples, await measure()];
+  } catch (e) {
+    return { skipped: `failed: ${errorText(e)}` };
+  }
+}
+
+async function measureHosts(rig: Rig, sizes: Sizes): Promise<HostsFanOut> {
+  const h = await startLoopbackHosts(sizes.hosts);
+  try {
+    const python = await fabricPython();
+    const pssh = onPath("parallel-ssh") ?? onPath("pssh");
+    const ansible = onPath("ansible");
+    const r: HostsFanOut = {
+      hosts: h.hosts.length,
+      floorCold: [],
+      floorWarm: await floorWarm(h, sizes.hostWarm),
+      workerCold: [],
+      workerWarm: [],
+      openBeforeCold: [],
+      fabric: typeof python === "string" ? [] : python,
+      pssh: pssh === undefined
+        ? { skipped: "parallel-ssh not found (apt-get install pssh)" }
+        : [],
+      ansible: ansible === undefined
+        ? { skipped: "ansible not found (apt-get install ansible-core)" }
+        : sizes.ansible === 0
+        ? { skipped: "not run (--ansible=0)" }
+        : [],
+    };
+    // Cold runs in rounds, each contender once a round, so drift hits all alike.
+    for (let round = 0; round < Math.max(1, sizes.hostCold); round++) {
+      r.floorCold.push(await floorCold(h));
+      if (Array.isArray(r.workerCold) && Array.isArray(r.workerWarm)) {
+        try {
+          const run = await workerRun(rig, h, round === 0 ? sizes.hostWarm : 0);
+          r.workerCold.push(run.cold);
+          r.workerWarm.push(...run.warm);
+          r.openBeforeCold.push(run.openBefore);
+        } catch (e) {
+          r.workerCold = r.workerWarm = { skipped: `failed: ${errorText(e)}` };
+        }
+      }
+      if (typeof python === "string") {
+        r.fabric = await addSample(r.fabric, () => fabricRun(python, h));
+      }
+      if (pssh !== undefined) {
+        r.pssh = await addSample(r.pssh, () => psshRun(pssh, h, rig.dir));
+      }
+    }
+    // Last of the cold ones: it takes half a minute.
+    for (let i = 0; ansible !== undefined && i < sizes.ansible; i++) {
+      r.ansible = await addSample(
+        r.ansible,
+        () => ansibleRun(ansible, h, rig.dir),
+      );
+    }
+    if (sizes.hostConnections > 0) {
+      try {
+        r.rss = await measureHostsRss(rig, h, sizes.hostConnections);
+      } catch (e) {
+        r.rss = { skipped: `failed: ${errorText(e)}` };
+      }
+    }
+    return r;
+  } finally {
+    await h.stop();
+  }
+}
+
+// ---------------------------------------------------------------------------
 // All measures, in one run
 // ---------------------------------------------------------------------------
 
@@ -1058,6 +1697,7 @@ export interface Results {
   memory?: Memory;
   seed?: Throughput;
   seedPickups?: number[];
+  hosts?: HostsFanOut;
 }
 
 export async function runBench(
@@ -1140,6 +1780,11 @@ export async function runBench(
       "seed-style pickup",
       sizes.baselinePickups,
       () => measureSeedPickup(rig, sizes.baselinePickups, sizes.baselineSleep),
+    );
+    results.hosts = await step(
+      `${sizes.hosts} hosts: floor, worker, Fabric, pssh, Ansible`,
+      sizes.hosts,
+      () => measureHosts(rig, sizes),
     );
   } finally {
     await rig.stop();
@@ -1340,6 +1985,112 @@ export function tableRows(r: Results): Row[] {
       `${n(r.drain.perSecond / r.floor.parallelPerSecond, 2)}×`,
     ));
   }
+  if (r.hosts) rows.push(...hostsRows(r.hosts));
+  return rows;
+}
+
+/** The many-hosts targets: ratios to the floor and the other tools, measured in the same run. */
+const HOSTS_TARGETS = {
+  warmToFloor: 2,
+  coldToFabric: 1.25,
+  coldToPssh: 0.25,
+  rssMb: 200,
+};
+
+/** A reason fit for a table cell: one line, at most 400 characters. */
+function oneLine(text: string): string {
+  const line = text.replace(/\s*\n\s*/g, " / ");
+  return line.length > 400 ? `${line.slice(0, 399)}…` : line;
+}
+
+/** p50 and the spread of several runs, or why there is no figure. */
+function msOf(samples: Samples): string {
+  if (!Array.isArray(samples)) return `skipped: ${oneLine(samples.skipped)}`;
+  const p50 = `${n(percentile(samples, 50))} ms`;
+  if (samples.length === 1) return p50;
+  return `${p50} (p50 of ${samples.length}, ${n(Math.min(...samples))} to ${
+    n(Math.max(...samples))
+  })`;
+}
+
+function hostsRows(h: HostsFanOut): Row[] {
+  const count = h.hosts;
+  const rows: Row[] = [
+    info(
+      `6. floor: bare ssh2, connect + \`true\` on ${count} hosts, cold`,
+      msOf(h.floorCold),
+    ),
+    info(
+      `6. floor: \`true\` on ${count} open connections, warm`,
+      msOf(h.floorWarm),
+    ),
+  ];
+  /** The worker's cold p50 over another's, against a target unless `target` is undefined. */
+  const ratio = (of: string, other: Samples, target?: number) => {
+    if (!Array.isArray(h.workerCold) || !Array.isArray(other)) return;
+    const value = percentile(h.workerCold, 50) / percentile(other, 50);
+    const measure = `6. ratio: worker cold ÷ ${of} cold`;
+    const figure = `${n(value, 2)}×`;
+    rows.push(
+      target === undefined ? info(measure, figure) : {
+        measure,
+        figure,
+        target: `≤ ${target}× ${of}`,
+        verdict: check(value <= target),
+      },
+    );
+  };
+  const warm = h.workerWarm;
+  if (Array.isArray(warm)) {
+    const toFloor = percentile(warm, 50) / percentile(h.floorWarm, 50);
+    rows.push({
+      measure:
+        `6. worker (./start): warm fan-out to ${count} hosts, post→result`,
+      figure: `${msOf(warm)}, ${n(toFloor, 2)}× floor warm`,
+      target: `≤ ${HOSTS_TARGETS.warmToFloor}× floor warm`,
+      verdict: check(toFloor <= HOSTS_TARGETS.warmToFloor),
+    });
+  } else {rows.push(
+      info(`6. worker (./start): fan-out to ${count} hosts`, msOf(warm)),
+    );}
+  if (Array.isArray(h.workerCold)) {
+    rows.push(info(
+      `6. worker: cold, 1st message after start, post→result (open before: ${
+        h.openBeforeCold.join(", ")
+      })`,
+      msOf(h.workerCold),
+    ));
+  }
+  rows.push(
+    info(
+      "6. Fabric 2 ThreadingGroup, `python3 -c`, cold, wall",
+      msOf(h.fabric),
+    ),
+    info(`6. parallel-ssh -p ${count}, cold, wall`, msOf(h.pssh)),
+    info(`6. ansible -f ${count} -m command, cold, wall`, msOf(h.ansible)),
+  );
+  ratio("Fabric", h.fabric, HOSTS_TARGETS.coldToFabric);
+  ratio("pssh", h.pssh, HOSTS_TARGETS.coldToPssh);
+  ratio("Ansible", h.ansible);
+  if (h.rss !== undefined && "skipped" in h.rss) {
+    rows.push(
+      info(
+        "6. worker RSS with warm connections to every host",
+        `skipped: ${oneLine(h.rss.skipped)}`,
+      ),
+    );
+  } else if (h.rss !== undefined) {
+    const rss = h.rss;
+    rows.push({
+      measure:
+        `6. worker peak RSS, ${count} hosts × ${rss.perHost} connections (VmHWM)`,
+      figure: `${n(rss.peakMb, 1)} MB (sampled ${
+        n(rss.sampledPeakMb, 1)
+      }; ${rss.openSeen} connections seen)`,
+      target: `≤ ${HOSTS_TARGETS.rssMb} MB`,
+      verdict: check(rss.peakMb <= HOSTS_TARGETS.rssMb),
+    });
+  }
   return rows;
 }
 
@@ -1370,6 +2121,9 @@ export function formatReport(r: Results): string {
     "LogTape at info into a sink that drops the lines; 3: the worker through ./start as a process.",
     "+N ms queue latency: the worker's queue requests pass an in-process proxy that " +
     "holds each for N/2 ms before forwarding and N/2 ms before replying.",
+    "6: loopback hosts 127.0.0.2 up (four sshd on one port for 50), `true` on every host; " +
+    "the worker through ./start (TASK_HOST_PARALLELISM = hosts), timed post→result; " +
+    "the tools timed as processes, start to end.",
     "",
     markdownTable(tableRows(r)),
   ].join("\n");

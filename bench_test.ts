@@ -130,7 +130,9 @@ Deno.test({
       results.wanDrains.map((d) => [d.latencyMs, d.count]),
       [[40, SMOKE_SIZES.wan40], [150, SMOKE_SIZES.wan150]],
     );
-    const rows = tableRows(results);
+    const allRows = tableRows(results);
+    // The many-hosts rows (6.) are checked below: a missing tool skips its row.
+    const rows = allRows.filter((r) => !r.measure.startsWith("6."));
     assert.equal(rows.filter((r) => r.verdict !== "").length, 10);
     const wanRows = rows.filter((r) => /ms queue latency$/.test(r.measure));
     assert.deepEqual(wanRows.map((r) => r.target), [
@@ -150,6 +152,51 @@ Deno.test({
     for (const ms of pickups) assert.ok(ms > 0 && ms < 5_000, `pickup ${ms}`);
     const memory = results.memory;
     assert.ok(memory && memory.startMb > 10 && memory.peakMb >= memory.startMb);
+    const hosts = results.hosts;
+    assert.ok(hosts, "the many-hosts measures ran");
+    assert.equal(hosts.hosts, SMOKE_SIZES.hosts);
+    assert.equal(hosts.floorCold.length, SMOKE_SIZES.hostCold);
+    assert.equal(hosts.floorWarm.length, SMOKE_SIZES.hostWarm);
+    assert.deepEqual(
+      [hosts.workerCold, hosts.workerWarm].map((s) =>
+        Array.isArray(s) ? s.length : s.skipped
+      ),
+      [SMOKE_SIZES.hostCold, SMOKE_SIZES.hostWarm],
+      "the worker fanned out to every host",
+    );
+    // A tool that is there must work; one that is missing is skipped, saying so.
+    for (
+      const [tool, samples] of [["fabric", hosts.fabric], [
+        "pssh",
+        hosts.pssh,
+      ]] as const
+    ) {
+      if (Array.isArray(samples)) {
+        assert.equal(samples.length, SMOKE_SIZES.hostCold, tool);
+      } else {
+        assert.match(
+          samples.skipped,
+          /not found|no python3 imports fabric/,
+          tool,
+        );
+      }
+    }
+    assert.deepEqual(hosts.ansible, { skipped: "not run (--ansible=0)" });
+    const rss = hosts.rss;
+    assert.ok(rss && !("skipped" in rss), `worker RSS: ${JSON.stringify(rss)}`);
+    assert.ok(rss.peakMb > 10, `peak RSS ${rss.peakMb} MB`);
+    assert.ok(
+      rss.openSeen >= SMOKE_SIZES.hosts,
+      `${rss.openSeen} connections seen open for ${SMOKE_SIZES.hosts} hosts`,
+    );
+    const hostRows = allRows.filter((r) => r.measure.startsWith("6."));
+    assert.ok(
+      hostRows.some((r) => /^6\. worker \(\.\/start\): warm/.test(r.measure)),
+    );
+    for (const row of hostRows) {
+      assert.match(row.figure, /^(-?[\d,.]+|skipped: )/, row.measure);
+      assert.doesNotMatch(row.figure, /NaN|Infinity|failed/, row.measure);
+    }
     const report = formatReport(results);
     assert.match(report, /nproc \d+, Deno \d/);
     assert.match(report, /\| Measure +\| Figure +\| Target +\| Result \|/);

@@ -279,6 +279,88 @@ export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
   };
 }
 
+/**
+ * Loopback "hosts" 127.0.0.2, 127.0.0.3, ... on one port, each answering with
+ * its own host key; one client key is authorized on all of them.
+ */
+export interface LoopbackHosts {
+  hosts: string[];
+  port: number;
+  user: string;
+  clientKeyFile: string;
+  /** One known_hosts file naming every host. */
+  knownHostsFile: string;
+  stop(): Promise<void>;
+}
+
+/** OpenSSH's MAX_LISTEN_SOCKS: one sshd listens on at most this many addresses. */
+const LISTEN_LIMIT = 16;
+
+/**
+ * Starts `count` loopback hosts from 127.0.0.2 (at most 254): one sshd for
+ * every 16 addresses, all on the same port. `stop()` stops them all and
+ * removes their folders.
+ */
+export async function startLoopbackHosts(
+  count: number,
+): Promise<LoopbackHosts> {
+  if (!(count >= 1 && count <= 254)) {
+    throw new Error(`startLoopbackHosts: 1 to 254 hosts, not ${count}`);
+  }
+  const hosts = Array.from({ length: count }, (_, i) => `127.0.0.${i + 2}`);
+  const sshds: Sshd[] = [];
+  const stop = async () => {
+    // Emptied as it goes: a second stop() has nothing left to do.
+    for (const sshd of sshds.splice(0)) {
+      await sshd.stop();
+      await Deno.remove(sshd.dir, { recursive: true });
+    }
+  };
+  try {
+    const port = freePort();
+    for (let i = 0; i < count; i += LISTEN_LIMIT) {
+      const addresses = hosts.slice(i, i + LISTEN_LIMIT);
+      const first = sshds[0];
+      if (first === undefined) {
+        sshds.push(await startSshd({ addresses, port }));
+        continue;
+      }
+      // The first one's client key, authorized here; a host key of its own.
+      const dir = await Deno.makeTempDir({ prefix: "tasks-sshd-" });
+      try {
+        await keygen(`${dir}/host_ed25519`);
+        await Deno.copyFile(
+          `${first.dir}/authorized_keys`,
+          `${dir}/authorized_keys`,
+        );
+        sshds.push(
+          await startSshd({ addresses, port, dir, user: first.user }),
+        );
+      } catch (e) {
+        await Deno.remove(dir, { recursive: true });
+        throw e;
+      }
+    }
+    const first = sshds[0];
+    const knownHostsFile = `${first.dir}/known_hosts_all`;
+    const lines = await Promise.all(
+      sshds.map((s) => Deno.readTextFile(s.knownHostsFile)),
+    );
+    await Deno.writeTextFile(knownHostsFile, lines.join(""));
+    return {
+      hosts,
+      port,
+      user: first.user,
+      clientKeyFile: first.clientKeyFile,
+      knownHostsFile,
+      stop,
+    };
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+}
+
 /** The worker's SSH_* settings for this server. */
 export function sshEnv(sshd: Sshd): Record<string, string> {
   return {
