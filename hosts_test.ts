@@ -767,3 +767,80 @@ Deno.test("hosts: a message's hosts run at most TASK_HOST_PARALLELISM at once, a
     "--allow-net=127.0.0.1:8080,bastion.example:2022,unix:/tmp/agent",
   );
 });
+
+Deno.test({
+  name:
+    "hosts: deno task send --hosts narrows, and --wait shows the RETRY, then the last result and its exit status",
+  ...sshdTest,
+  async fn() {
+    const sshd = await startSshd({ addresses: ["127.0.0.2", "127.0.0.3"] });
+    await Deno.chmod(sshd.dir, 0o777);
+    // 127.0.0.3 fails its first run only.
+    const flaky =
+      `ip=$(echo "$SSH_CONNECTION" | cut -d' ' -f3); echo "on $ip"; echo run >> ${sshd.dir}/ran.$ip; [ "$ip" != 127.0.0.3 ] || [ -e ${sshd.dir}/seen ] || { touch ${sshd.dir}/seen; exit 4; }`;
+    const catalog = `
+hosts:
+  web: [127.0.0.2, 127.0.0.3]
+tasks:
+  flaky: {command: ${JSON.stringify(flaky)}, hosts: [web]}
+`;
+    await Deno.writeTextFile(`${sshd.dir}/tasks.yaml`, catalog);
+    const queue = await startTestQueue({}, "local", "jobs");
+    const worker = startWorker(
+      configFor(sshd, sshd.knownHostsFile, catalog),
+      queue,
+    );
+    const send = async (args: string[]) => {
+      const out = await new Deno.Command("deno", {
+        args: ["task", "-q", "send", ...args],
+        env: {
+          PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+          HOME: sshd.dir,
+          DENO_DIR: Deno.env.get("DENO_DIR") ??
+            `${Deno.env.get("HOME")}/.cache/deno`,
+          NO_COLOR: "1",
+          MQ_PORT: new URL(queue.server.url).port,
+          IRON_MQ_QUEUE_NAME: "jobs",
+          TASKS_FILE: `${sshd.dir}/tasks.yaml`,
+        },
+        clearEnv: true,
+        stdin: "null",
+      }).output();
+      const text = new TextDecoder().decode(out.stdout) +
+        new TextDecoder().decode(out.stderr);
+      return { code: out.code, text };
+    };
+    try {
+      const outside = await send(["flaky", "--hosts", "db"]);
+      assert.equal(outside.code, 2, outside.text);
+      assert.match(outside.text, /"db", outside this task's hosts/);
+
+      const waited = await send(["flaky", "--wait=60"]);
+      assert.equal(waited.code, 0, waited.text);
+      assert.match(waited.text, /\[127\.0\.0\.3\] exit: 4/);
+      assert.match(
+        waited.text,
+        /RETRY: the failed hosts run again \(1 of 2 hosts failed: 127\.0\.0\.3 \(exit 4\)\)/,
+      );
+      // The last result: only the host that ran again, exit 0.
+      assert.match(waited.text, /\[127\.0\.0\.3\] exit: 0 \(message 2,/);
+      assert.equal(await runsOn(sshd.dir, "127.0.0.2"), 1);
+      assert.equal(await runsOn(sshd.dir, "127.0.0.3"), 2);
+
+      const narrowed = await send([
+        "flaky",
+        "--hosts",
+        "127.0.0.2",
+        "--wait=60",
+      ]);
+      assert.equal(narrowed.code, 0, narrowed.text);
+      assert.doesNotMatch(narrowed.text, /127\.0\.0\.3/);
+      assert.equal(await runsOn(sshd.dir, "127.0.0.2"), 2);
+    } finally {
+      await worker.stop();
+      await queue.close();
+      await sshd.stop();
+      await Deno.remove(sshd.dir, { recursive: true });
+    }
+  },
+});

@@ -38,6 +38,7 @@ Options:
                     status (1 for a signal, a timeout, a rejection or a revoke)
   --eta TIME        run no earlier than TIME (ISO 8601: 2026-11-27T15:00:00Z)
   --delay SECONDS   run no earlier than SECONDS from now (sets the eta)
+  --hosts A,B       run on these of the task's hosts only (groups or hosts)
   --queue NAME      post to NAME, not to IRON_MQ_QUEUE_NAME (my_queue)
   --text BODY       post BODY as it is: the catalog's default task runs (or
                     TASK_COMMAND, without a catalog)
@@ -66,10 +67,12 @@ interface Request {
   eta?: string;
   delaySeconds?: number;
   queue?: string;
+  /** Some of the task's hosts (its "hosts"). */
+  hosts?: string[];
   help: boolean;
 }
 
-const VALUE_OPTIONS = ["--eta", "--delay", "--queue", "--text"];
+const VALUE_OPTIONS = ["--eta", "--delay", "--queue", "--text", "--hosts"];
 
 /** The command line read, or what is wrong with it. */
 function readCommandLine(
@@ -130,6 +133,7 @@ function readCommandLine(
 
   request.text = options.get("--text");
   request.queue = options.get("--queue");
+  request.hosts = options.get("--hosts")?.split(",").map((h) => h.trim());
   if (request.queue !== undefined && !QUEUE_NAME.test(request.queue)) {
     return {
       ok: false,
@@ -179,10 +183,12 @@ function readCommandLine(
     }
     // A plain body has no field to carry them: only a task message does.
     for (
-      const [given, what] of [[request.waitSeconds, "--wait"], [eta, "--eta"], [
-        delay,
-        "--delay",
-      ]] as const
+      const [given, what] of [
+        [request.waitSeconds, "--wait"],
+        [eta, "--eta"],
+        [delay, "--delay"],
+        [request.hosts, "--hosts"],
+      ] as const
     ) {
       if (given !== undefined) {
         return {
@@ -251,6 +257,7 @@ function taskMessage(
     eta: eta ?? null,
     expires: null,
     reply_to: replyTo ?? null,
+    ...request.hosts === undefined ? {} : { hosts: request.hosts },
   });
 }
 
@@ -435,6 +442,13 @@ function printResult(
     }
   }
   if (status === "SUCCESS") return 0;
+  if (status === "RETRY") {
+    const reason = typeof result.reason === "string"
+      ? ` (${result.reason})`
+      : "";
+    console.error(show(`RETRY: the failed hosts run again${reason}`));
+    return 1;
+  }
   const attempts = typeof result.attempts === "number" && status === "FAILURE"
     ? ` after ${result.attempts} attempt(s)`
     : "";
@@ -547,13 +561,25 @@ async function main(argv: string[], env: Env): Promise<number> {
         eta === undefined ? "" : ` (it runs from ${eta})`
       }`,
     );
-    const waited = await waitForResult(
+    const deadline = Date.now() + limit * 1000;
+    let waited = await waitForResult(
       reply,
       replyQueue,
       taskId,
       limit * 1000,
       interrupt.signal,
     );
+    // Some hosts failed and run again: their outcome comes in a later result.
+    while (waited.kind === "result" && waited.result.status === "RETRY") {
+      printResult(waited.result, secrets);
+      waited = await waitForResult(
+        reply,
+        replyQueue,
+        taskId,
+        deadline - Date.now(),
+        interrupt.signal,
+      );
+    }
     const lost =
       `Reply queue ${replyQueue} removed: a result that comes later makes it again, and nothing reads it.`;
     switch (waited.kind) {
