@@ -58,7 +58,11 @@ async function main(): Promise<number> {
     await output.flush();
     return 2;
   }
-  const secrets = new Secrets([config.queue.token, config.ssh.passphrase]);
+  const secrets = new Secrets([
+    config.queue.token,
+    config.ssh.passphrase,
+    config.http?.token,
+  ]);
   const log = await setupLogging(output.write, config.logLevel, secrets);
 
   let server: QueueServer | undefined;
@@ -2566,6 +2570,8 @@ export interface Config {
   logLevel: LogLevelName;
   /** Parameters a catalog declares and never uses, to say at start. */
   warnings: string[];
+  /** TASK_HTTP_PORT: the monitor's listener (web.ts); off when unset. */
+  http?: { hostname: string; port: number; token?: string };
 }
 
 /** An iron.json file found on disk, as read (path for error messages). */
@@ -2899,6 +2905,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     }
     task.resultsQueue = resultsQueue;
   }
+  const http = httpSettings(read);
   const warnings: string[] = [];
   const loaded = loadCatalog(context.catalogFile, task, problems);
   task.catalog = loaded?.catalog;
@@ -2923,7 +2930,33 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     task,
     logLevel,
     warnings,
+    http,
   };
+}
+
+/** TASK_HTTP_*: the monitor's listener, off unless TASK_HTTP_PORT is set. */
+function httpSettings(read: EnvReader): Config["http"] {
+  if (read.optional("TASK_HTTP_PORT") === undefined) return undefined;
+  const port = read.integer("TASK_HTTP_PORT", 0, 0, 65535);
+  const hostname = read.text("TASK_HTTP_HOST", "127.0.0.1");
+  const token = read.optional("TASK_HTTP_TOKEN");
+  if (!/^(?:[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+)$/.test(hostname)) {
+    read.problems.push(
+      `TASK_HTTP_HOST=${
+        JSON.stringify(hostname)
+      }: must be a host name or IP address such as 127.0.0.1`,
+    );
+  } else if (token === undefined && !isLoopback(hostname)) {
+    read.problems.push(
+      `TASK_HTTP_HOST=${hostname}: a non-loopback address needs TASK_HTTP_TOKEN (a long random string, e.g. openssl rand -hex 32), or listen on 127.0.0.1`,
+    );
+  }
+  if (token !== undefined && !/^[\x21-\x7e]{16,}$/.test(token)) {
+    read.problems.push(
+      "TASK_HTTP_TOKEN: must be at least 16 printable ASCII characters without spaces (value not shown)",
+    );
+  }
+  return { hostname, port, token };
 }
 
 /**
@@ -3087,6 +3120,11 @@ export function permissionFlags(
     );
   }
   net.add(`${bracketIPv6(config.ssh.host)}:${config.ssh.port}`);
+  if (config.http) {
+    const host = bracketIPv6(config.http.hostname);
+    net.add(config.http.port === 0 ? host : `${host}:${config.http.port}`);
+    read.add(new URL("./page.html", import.meta.url).pathname);
+  }
   read.add(config.ssh.knownHostsFile);
   if (config.ssh.strictHostKeyChecking === "accept-new") {
     write.add(config.ssh.knownHostsFile);
