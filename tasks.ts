@@ -39,6 +39,7 @@ import {
   readAtMost,
   startQueueServer,
 } from "./mq_server.ts";
+import { Monitor } from "./web.ts";
 
 // ---------------------------------------------------------------------------
 // Entry point (called at the bottom of the file, once everything is defined)
@@ -84,6 +85,33 @@ async function main(): Promise<number> {
     }
     config.queue.baseUrl = server.url;
     log.info(`post a test message: ${curlExample(config.queue)}`);
+  }
+
+  // What the worker does, counted and shown: web.ts. With TASK_HTTP_PORT its
+  // listener serves the page, the metrics and the dead-letter actions.
+  const monitor = new Monitor();
+  let web: { close(): Promise<void> } | undefined;
+  if (config.http) {
+    try {
+      web = await monitor.serve({
+        ...config.http,
+        deadLetters: new DeadLetters(
+          new IronMqClient(config.queue),
+          config.task.deadLetterQueue,
+        ),
+        maskBody: (body) => maskedBody(body, config.task.catalog, secrets),
+        log: (line) => log.info(line),
+      });
+    } catch (e) {
+      log.error(
+        `cannot listen on ${config.http.hostname}:${config.http.port}: ${
+          errorText(e)
+        } (set TASK_HTTP_HOST and TASK_HTTP_PORT to a free address, or unset TASK_HTTP_PORT)`,
+      );
+      await server?.close();
+      await output.flush();
+      return 1;
+    }
   }
 
   const stop = new AbortController();
@@ -136,6 +164,7 @@ async function main(): Promise<number> {
     Deno.removeSignalListener("SIGTERM", onSignal);
     Deno.removeSignalListener("SIGINT", onSignal);
     runner.close();
+    await web?.close();
     await server?.close();
   }
   log.info("stopped");

@@ -23,7 +23,7 @@ import {
   Histogram,
   Registry,
 } from "prom-client";
-import type { RunResult } from "./tasks.ts";
+import type { DeadLetter, DeadLetters, RunResult } from "./tasks.ts";
 import { bracketIPv6, errorText, isLoopback, isRecord } from "./mq_server.ts";
 
 export type Outcome =
@@ -109,18 +109,6 @@ interface ResultView {
 interface Readiness {
   ok: boolean;
   reason: string;
-}
-
-/** TEMPORARY until branch dlq is merged: its DeadLetter and DeadLetters. */
-interface DeadLetter {
-  id: string;
-  record?: Record<string, unknown>;
-  raw: string;
-}
-interface DeadLetters {
-  list(n?: number): Promise<DeadLetter[]>;
-  requeue(id: string): Promise<string>;
-  discard(id: string): Promise<void>;
 }
 
 /** What the dead-letter part of the page needs (DeadLetters in tasks.ts). */

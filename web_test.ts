@@ -4,10 +4,18 @@
  * metrics checked by promtool, the HTTP rules over real HTTP on 127.0.0.1.
  */
 import assert from "node:assert/strict";
-import { ConfigError, parseConfig, permissionFlags } from "./tasks.ts";
+import {
+  ConfigError,
+  DeadLetters,
+  maskedBody,
+  parseCatalog,
+  parseConfig,
+  permissionFlags,
+  Secrets,
+} from "./tasks.ts";
 import { Monitor, type ServeOptions } from "./web.ts";
 import { needs } from "./test_sshd.ts";
-import { REPO } from "./test_support.ts";
+import { REPO, startTestQueue, type TestQueue } from "./test_support.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const PROMTOOL = "/usr/bin/promtool";
@@ -149,55 +157,67 @@ interface Served {
   monitor: Monitor;
   url: string;
   log: string[];
+  /** The queue server behind the dead letters: work queue "jobs", dead letters "jobs_failed". */
+  queue: TestQueue;
 }
 
-/** TEMPORARY stand-in until DeadLetters (branch dlq) is merged. */
-class FakeDeadLetters {
-  records = new Map<string, Record<string, unknown>>();
-  requeued: { queue: string; body: string }[] = [];
-  list() {
-    return Promise.resolve(
-      [...this.records].map(([id, record]) => ({
-        id,
-        record,
-        raw: JSON.stringify(record),
-      })),
-    );
-  }
-  requeue(id: string) {
-    const record = this.records.get(id);
-    if (!record) return Promise.reject(new Error(`no message ${id}`));
-    this.records.delete(id);
-    this.requeued.push({
-      queue: String(record.queue),
-      body: String(record.body),
-    });
-    return Promise.resolve(`${100 + this.requeued.length}`);
-  }
-  discard(id: string) {
-    this.records.delete(id);
-    return Promise.resolve();
-  }
+const SECRET = "hunter2-deploy-token";
+/** A catalog whose deploy task has a secret parameter, as the worker's maskBody reads it. */
+const CATALOG = parseCatalog(
+  "tasks.yaml",
+  `
+tasks:
+  deploy:
+    command: /srv/app/bin/deploy --release {{version}} --token {{token}}
+    params:
+      version: {}
+      token: { secret: true }
+`,
+  { timeoutMs: 0, maxAttempts: 3 },
+).catalog;
+
+/** A dead-letter record as the worker writes it (Settler.recordDeadLetter). */
+function deadRecord(fields: Record<string, unknown>): string {
+  return JSON.stringify({
+    queue: "jobs",
+    id: "17",
+    task: "deploy",
+    body: JSON.stringify({ task: "deploy", args: ["v1.4.1", SECRET] }),
+    attempts: 3,
+    reason: "exit status 3",
+    exit_status: 3,
+    stderr_tail: "error: the health check failed after 30 s\n",
+    failed_at: new Date(Date.now() - 3_600_000).toISOString(),
+    hosts: { "10.1.1.73": { exit_status: 3 } },
+    ...fields,
+  });
 }
 
+/** A Monitor served on a free loopback port, its dead letters on a real queue server. */
 async function withMonitor(
   options: Partial<ServeOptions>,
   fn: (served: Served) => Promise<void>,
 ): Promise<void> {
+  const queue = await startTestQueue({}, "test", "jobs");
   const monitor = new Monitor();
   const log: string[] = [];
-  const server = await monitor.serve({
-    hostname: "127.0.0.1",
-    port: 0,
-    deadLetters: new FakeDeadLetters(),
-    maskBody: (body) => body,
-    log: (line) => log.push(line),
-    ...options,
-  });
+  const secrets = new Secrets(options.token ? [options.token] : []);
   try {
-    await fn({ monitor, url: server.url, log });
+    const server = await monitor.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      deadLetters: new DeadLetters(queue.client, "jobs_failed"),
+      maskBody: (body) => maskedBody(body, CATALOG, secrets),
+      log: (line) => log.push(line),
+      ...options,
+    });
+    try {
+      await fn({ monitor, url: server.url, log, queue });
+    } finally {
+      await server.close();
+    }
   } finally {
-    await server.close();
+    await queue.close();
   }
 }
 
@@ -276,80 +296,87 @@ Deno.test({
     "web: the page shows a long command's output line by line while it runs",
   ...browserTest,
   fn: () =>
-    withMonitor({}, ({ monitor, url }) =>
-      withBrowser(async (browser) => {
-        const now = Date.now();
-        feedADay(monitor, now);
-        const tab = await browser.open({ width: 1280, height: 800 });
-        await tab.goto(url);
-        await tab.waitFor(
-          `document.getElementById("live").textContent === "live"`,
-        );
-        await tab.waitFor(
-          `document.querySelectorAll("#results details").length === 3`,
-        );
+    withMonitor(
+      {},
+      ({ monitor, url, queue }) =>
+        withBrowser(async (browser) => {
+          const now = Date.now();
+          feedADay(monitor, now);
+          await queue.client.post("jobs_failed", [deadRecord({})]);
+          const tab = await browser.open({ width: 1280, height: 800 });
+          await tab.goto(url);
+          await tab.waitFor(`document.querySelector("[data-dead]")`);
+          await tab.waitFor(
+            `document.getElementById("live").textContent === "live"`,
+          );
+          await tab.waitFor(
+            `document.querySelectorAll("#results details").length === 3`,
+          );
 
-        monitor.commandStarted({
-          runId: "r1",
-          messageId: "41",
-          task: "deploy",
-          host: "10.1.1.73",
-          command: "/srv/app/bin/deploy --release v1.4.2",
-          startedAt: now - 42_000,
-        });
-        await tab.waitFor(`document.querySelector('${runSelector("r1")}')`);
-        const shown: string[] = [];
-        const steps = [
-          "fetching release v1.4.2",
-          "unpacking 312 files",
-          "migrating the database: 3 migrations",
-          "restarting app.service",
-          "waiting for the health check",
-        ];
-        for (const line of steps) {
-          monitor.commandOutput("r1", "out", line);
-          shown.push(line);
-          // This line is on the page, and nothing past it: it came as it ran.
-          await tab.waitFor(`${outputLines("r1")}.length === ${shown.length}`);
-          assert.deepEqual(await tab.value(outputLines("r1")), shown);
+          monitor.commandStarted({
+            runId: "r1",
+            messageId: "41",
+            task: "deploy",
+            host: "10.1.1.73",
+            command: "/srv/app/bin/deploy --release v1.4.2",
+            startedAt: now - 42_000,
+          });
+          await tab.waitFor(`document.querySelector('${runSelector("r1")}')`);
+          const shown: string[] = [];
+          const steps = [
+            "fetching release v1.4.2",
+            "unpacking 312 files",
+            "migrating the database: 3 migrations",
+            "restarting app.service",
+            "waiting for the health check",
+          ];
+          for (const line of steps) {
+            monitor.commandOutput("r1", "out", line);
+            shown.push(line);
+            // This line is on the page, and nothing past it: it came as it ran.
+            await tab.waitFor(
+              `${outputLines("r1")}.length === ${shown.length}`,
+            );
+            assert.deepEqual(await tab.value(outputLines("r1")), shown);
+            assert.equal(
+              await tab.value(
+                `document.querySelector('${
+                  runSelector("r1")
+                } .badge').textContent`,
+              ),
+              "running",
+            );
+          }
+          monitor.commandOutput("r1", "err", "warning: 2 old releases kept");
+          await tab.waitFor(
+            `document.querySelector('${runSelector("r1")} .output .err')`,
+          );
           assert.equal(
             await tab.value(
-              `document.querySelector('${
-                runSelector("r1")
-              } .badge').textContent`,
+              `document.getElementById("running-count").textContent`,
             ),
-            "running",
+            "1",
           );
-        }
-        monitor.commandOutput("r1", "err", "warning: 2 old releases kept");
-        await tab.waitFor(
-          `document.querySelector('${runSelector("r1")} .output .err')`,
-        );
-        assert.equal(
-          await tab.value(
-            `document.getElementById("running-count").textContent`,
-          ),
-          "1",
-        );
-        assert.match(
-          await tab.value<string>(
-            `document.getElementById("ready").textContent`,
-          ),
-          /^ready$/,
-        );
-        await tab.screenshot(`${REPO}docs/page.png`, true);
+          assert.match(
+            await tab.value<string>(
+              `document.getElementById("ready").textContent`,
+            ),
+            /^ready$/,
+          );
+          await tab.screenshot(`${REPO}docs/page.png`, true);
 
-        monitor.commandEnded("r1", {
-          result: { kind: "exit", code: 0 },
-          finishedAt: Date.now(),
-        });
-        await tab.waitFor(
-          `document.querySelector('${
-            runSelector("r1")
-          } .badge').textContent === "exit 0"`,
-        );
-        assert.deepEqual(await tab.errors(), []);
-      })),
+          monitor.commandEnded("r1", {
+            result: { kind: "exit", code: 0 },
+            finishedAt: Date.now(),
+          });
+          await tab.waitFor(
+            `document.querySelector('${
+              runSelector("r1")
+            } .badge').textContent === "exit 0"`,
+          );
+          assert.deepEqual(await tab.errors(), []);
+        }),
+    ),
 });
 
 Deno.test({
@@ -443,6 +470,120 @@ Deno.test({
           /^<script>alert\(1\)<\/script> on 10\.1\.1\.73$/,
         );
         assert.deepEqual(await tab.errors(), []);
+      })),
+});
+
+const deadCard = (id: string) => `[data-dead="${id}"]`;
+const noticeText = `document.getElementById("notice").textContent`;
+
+Deno.test({
+  name:
+    "web: a dead letter runs again from the page: its body goes back to its queue as it was",
+  ...browserTest,
+  fn: () =>
+    withMonitor(
+      {},
+      ({ monitor, url, queue }) =>
+        withBrowser(async (browser) => {
+          const body = JSON.stringify({
+            task: "deploy",
+            args: ["v1.4.1", SECRET],
+          });
+          const tab = await browser.open({ width: 1280, height: 800 });
+          await tab.goto(url);
+          await tab.waitFor(
+            `document.getElementById("live").textContent === "live"`,
+          );
+          // The worker dead-letters a message: the page shows it without a reload.
+          const [id] = await queue.client.post("jobs_failed", [
+            deadRecord({ body }),
+          ]);
+          monitor.deadLettered("deploy");
+          await tab.waitFor(`document.querySelector('${deadCard(id)}')`);
+          const shown = await tab.value<string>(
+            `document.querySelector('${deadCard(id)}').innerText`,
+          );
+          assert.match(shown, /v1\.4\.1/);
+          assert.match(shown, /\[redacted\]/);
+          assert.ok(!shown.includes(SECRET), shown);
+          assert.match(shown, /exit status 3/);
+
+          await tab.click(`${deadCard(id)} .requeue`);
+          await tab.waitFor(`${noticeText}.includes("queued again")`);
+          const [requeued] = await queue.peek("jobs");
+          assert.equal(requeued.body, body);
+          assert.equal(
+            await tab.value(noticeText),
+            `Dead letter ${id} is queued again as message ${requeued.id}.`,
+          );
+          await tab.waitFor(`!document.querySelector('${deadCard(id)}')`);
+          assert.deepEqual(await queue.peek("jobs_failed"), []);
+          assert.deepEqual(await tab.errors(), []);
+        }),
+    ),
+});
+
+Deno.test({
+  name:
+    "web: a dead letter discarded from the page is gone; a second click confirms it",
+  ...browserTest,
+  fn: () =>
+    withMonitor({}, ({ url, queue, log }) =>
+      withBrowser(async (browser) => {
+        const [keep, drop] = await queue.client.post("jobs_failed", [
+          deadRecord({ id: "17" }),
+          deadRecord({ id: "18", reason: "exit status 1" }),
+        ]);
+        const tab = await browser.open({
+          width: 390,
+          height: 844,
+          mobile: true,
+        });
+        await tab.goto(url);
+        await tab.waitFor(
+          `document.querySelectorAll("[data-dead]").length === 2`,
+        );
+        await tab.click(`${deadCard(drop)} .discard`);
+        // One click only arms it.
+        assert.equal(
+          await tab.value(
+            `document.querySelector('${deadCard(drop)} .discard').textContent`,
+          ),
+          "Discard for good?",
+        );
+        assert.equal((await queue.peek("jobs_failed")).length, 2);
+        await tab.click(`${deadCard(drop)} .discard`);
+        await tab.waitFor(`${noticeText} === "Dead letter ${drop} discarded."`);
+        await tab.waitFor(
+          `document.querySelectorAll("[data-dead]").length === 1`,
+        );
+        assert.deepEqual(
+          (await queue.peek("jobs_failed")).map((m) => m.id),
+          [keep],
+        );
+        assert.deepEqual(await queue.peek("jobs"), []); // nothing ran again
+        assert.ok(
+          log.some((l) => l.startsWith(`web: dead letter ${drop} discarded`)),
+          log.join("\n"),
+        );
+
+        // Gone meanwhile (another tab, `deno task dlq`): the page says so.
+        await queue.api("DELETE", `/queues/jobs_failed/messages/${keep}`, {});
+        await tab.click(`${deadCard(keep)} .requeue`);
+        await tab.waitFor(
+          `document.getElementById("notice").className === "bad"`,
+        );
+        assert.match(
+          await tab.value<string>(noticeText),
+          new RegExp(`no message "${keep}"`),
+        );
+        await tab.waitFor(
+          `document.querySelectorAll("[data-dead]").length === 0`,
+        );
+        // The browser logs the refused request; nothing else went wrong.
+        assert.deepEqual(await tab.errors(), [
+          "Failed to load resource: the server responded with a status of 409 (Conflict)",
+        ]);
       })),
 });
 
@@ -873,12 +1014,12 @@ Deno.test("web: a page that stops reading its events is dropped, not buffered wi
       command: "cat big",
       startedAt: Date.now(),
     });
-    // 64 MB of output, a line at a time, while the page reads nothing.
+    // 64 MB of output, in 128 KB events, while the page reads nothing.
     const line = "x".repeat(16_000);
     const lines = 4_000;
     for (let i = 0; i < lines; i++) {
       monitor.commandOutput("r1", "out", line);
-      await new Promise((resolve) => setTimeout(resolve, 0));
+      if (i % 8 === 7) await new Promise((resolve) => setTimeout(resolve, 0));
     }
     // Now read: what the socket buffers held, then the end, long before 64 MB.
     let received = 0;
