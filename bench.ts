@@ -25,6 +25,7 @@ import { parseArgs } from "node:util";
 import { Client } from "ssh2";
 import {
   type CommandRunner,
+  type HostSpec,
   IronMqClient,
   loadSshCredentials,
   type Log,
@@ -35,7 +36,7 @@ import {
   type RunResult,
   Secrets,
   setupLogging,
-  SshPool,
+  SshHosts,
   Worker,
 } from "./tasks.ts";
 import { type Env, type QueueServer, startQueueServer } from "./mq_server.ts";
@@ -350,8 +351,12 @@ class CountingRunner implements CommandRunner {
     return this.inner.ready(signal);
   }
 
-  async run(command: string, io: RunIo): Promise<RunResult> {
-    const result = await this.inner.run(command, io);
+  reachable(): boolean {
+    return this.inner.reachable();
+  }
+
+  async run(host: HostSpec, command: string, io: RunIo): Promise<RunResult> {
+    const result = await this.inner.run(host, command, io);
     if (result.kind !== "exit" || result.code !== 0) {
       this.failures.push(`${command}: ${JSON.stringify(result)}`);
     }
@@ -409,15 +414,19 @@ async function startWorker(
     exists: () => false,
   });
   const { task, ssh } = config;
-  const pool = new SshPool(
+  const pool = new SshHosts(
     ssh,
     loadSshCredentials(ssh),
+    task.hosts,
     task.concurrency,
     rig.log,
   );
   // As many commands at once as the worker runs opens every connection it will use.
   const warm = await Promise.all(
-    Array.from({ length: task.concurrency }, () => pool.run("true", quietIo())),
+    Array.from(
+      { length: task.concurrency },
+      () => pool.run(task.hosts[0], "true", quietIo()),
+    ),
   );
   if (warm.some((r) => r.kind !== "exit" || r.code !== 0)) {
     pool.close();
@@ -432,7 +441,6 @@ async function startWorker(
       log: rig.log,
       clock: realClock,
     },
-    ssh.host,
     queueName,
   );
   const controller = new AbortController();

@@ -324,6 +324,7 @@ Deno.test("maskedBody: the body as sent when nothing in it is secret; the worker
   const catalog = parseCatalog("tasks.yaml", CATALOG, {
     timeoutMs: 0,
     maxAttempts: 5,
+    host: { user: "op", port: 22, jump: [] },
   }).catalog;
   const secrets = new Secrets(["iron-token-123"]);
   const spaced = '{ "task": "deploy",  "kwargs": {"version": "v3"} }';

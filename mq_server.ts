@@ -4,9 +4,11 @@
  *
  * Embedded: `startQueueServer({ port: 0, dbPath: ":memory:" })`, then `close()`.
  * Standalone: `deno task mq`, configured by MQ_HOST, MQ_PORT, MQ_DB and MQ_TOKEN.
+ * Both serve Prometheus metrics at `GET /metrics`.
  */
 import { DatabaseSync, type SQLOutputValue } from "node:sqlite";
 import { createHash, timingSafeEqual } from "node:crypto";
+import { collectDefaultMetrics, Counter, Gauge, Registry } from "prom-client";
 
 // ---------------------------------------------------------------------------
 // Options, public types and limits
@@ -18,7 +20,10 @@ export interface QueueServerOptions {
   port?: number;
   /** SQLite file; ":memory:" keeps everything in memory. Default "ironmq.sqlite". */
   dbPath?: string;
-  /** When set, every request needs `Authorization: OAuth <token>`. */
+  /**
+   * When set, every request needs `Authorization: OAuth <token>`; /metrics also
+   * takes `Authorization: Bearer <token>`, which is what Prometheus sends.
+   */
   token?: string;
   /** Sink for one-line events (listening, internal errors); default: none. */
   log?: (line: string) => void;
@@ -121,6 +126,12 @@ interface ReserveRequest {
   n: number;
   timeoutSeconds?: number;
   deleteOnReserve: boolean;
+}
+
+interface QueueCounts extends QueueRef {
+  ready: number;
+  delayed: number;
+  reserved: number;
 }
 
 interface MessageTarget {
@@ -277,6 +288,15 @@ function prepareStatements(db: DatabaseSync) {
     deleteExpired: db.prepare("DELETE FROM messages WHERE expires_at <= ?"),
     earliestExpiry: db.prepare(
       "SELECT min(expires_at) AS at FROM messages",
+    ),
+    // ?1 is now: what a reserve or peek would see, without promoting or purging.
+    countByState: db.prepare(
+      `SELECT q.project, q.name,
+         count(CASE WHEN m.state = 0 OR m.available_at <= ?1 THEN 1 END) AS ready,
+         count(CASE WHEN m.state = 1 AND m.available_at > ?1 THEN 1 END) AS delayed,
+         count(CASE WHEN m.state = 2 AND m.available_at > ?1 THEN 1 END) AS reserved
+       FROM queues q LEFT JOIN messages m ON m.queue_id = q.id AND m.expires_at > ?1
+       GROUP BY q.id ORDER BY q.project, q.name`,
     ),
   };
 }
@@ -551,6 +571,20 @@ class QueueStore {
       this.#sql.putBack.run(state, now + delaySeconds * 1000, row.id);
       this.#markChanged(ref);
     });
+  }
+
+  /**
+   * Every queue's messages by state, as the API would answer now: a due delayed
+   * message or a timed-out reservation is ready, an expired message is gone.
+   */
+  messageCounts(): QueueCounts[] {
+    return this.#sql.countByState.all(this.#now()).map((row) => ({
+      project: String(row.project),
+      name: String(row.name),
+      ready: Number(row.ready),
+      delayed: Number(row.delayed),
+      reserved: Number(row.reserved),
+    }));
   }
 
   /** When the queue's next delayed or reserved message becomes available, if any. */
@@ -853,8 +887,12 @@ class LongPolls {
 
 type JsonObject = Record<string, unknown>;
 
-/** The body as text; 413 past the size limit, counted as it streams in. */
-async function readBody(request: Request): Promise<string> {
+/**
+ * The body as text; 413 past the size limit, counted as it streams in. A
+ * leading byte order mark is dropped, unless `verbatim` (a webhook's body
+ * is the message's, byte for byte).
+ */
+async function readBody(request: Request, verbatim = false): Promise<string> {
   const declared = Number(request.headers.get("content-length") ?? 0);
   if (declared > MAX_REQUEST_BYTES) throw tooLarge();
   let body: Uint8Array | undefined;
@@ -865,7 +903,7 @@ async function readBody(request: Request): Promise<string> {
     throw new ClientGone();
   }
   if (body === undefined) throw tooLarge();
-  return new TextDecoder().decode(body);
+  return new TextDecoder("utf-8", { ignoreBOM: verbatim }).decode(body);
 }
 
 function tooLarge(): ApiError {
@@ -1093,6 +1131,8 @@ interface RequestContext {
 type Handler = (context: RequestContext) => Response | Promise<Response>;
 
 interface Route {
+  /** The path with `:name` placeholders: the `route` label of the request count. */
+  pattern: string;
   segments: string[];
   methods: Record<string, Handler>;
 }
@@ -1223,7 +1263,7 @@ function buildRoutes(store: QueueStore, polls: LongPolls): Route[] {
     }),
     route(`${queue}/webhook`, {
       POST: async (context) => {
-        const body = await readBody(context.request);
+        const body = await readBody(context.request, true);
         if (body === "") {
           throw badRequest(
             "Request body is empty: the webhook body becomes the message body",
@@ -1285,25 +1325,27 @@ function buildRoutes(store: QueueStore, polls: LongPolls): Route[] {
 }
 
 function route(pattern: string, methods: Record<string, Handler>): Route {
-  return { segments: pattern.split("/").slice(1), methods };
+  return { pattern, segments: pattern.split("/").slice(1), methods };
 }
 
-function matchRoute(
-  routes: Route[],
-  pathname: string,
-): { route: Route; params: Record<string, string> } | undefined {
-  const parts = pathname.split("/").slice(1);
-  for (const candidate of routes) {
-    if (candidate.segments.length !== parts.length) continue;
-    const params: Record<string, string> = {};
-    const matches = candidate.segments.every((segment, index) => {
-      if (!segment.startsWith(":")) return segment === parts[index];
+/** The route the path's parts fit by their fixed segments; names are checked later. */
+function findRoute(routes: Route[], parts: string[]): Route | undefined {
+  return routes.find((candidate) =>
+    candidate.segments.length === parts.length &&
+    candidate.segments.every((segment, index) =>
+      segment.startsWith(":") || segment === parts[index]
+    )
+  );
+}
+
+function routeParams(route: Route, parts: string[]): Record<string, string> {
+  const params: Record<string, string> = {};
+  route.segments.forEach((segment, index) => {
+    if (segment.startsWith(":")) {
       params[segment.slice(1)] = decodeName(parts[index]);
-      return true;
-    });
-    if (matches) return { route: candidate, params };
-  }
-  return undefined;
+    }
+  });
+  return params;
 }
 
 function decodeName(segment: string): string {
@@ -1325,10 +1367,21 @@ function sha256(text: string): Uint8Array {
   return createHash("sha256").update(text).digest();
 }
 
-/** Accepts `Authorization: OAuth <token>` or Iron's `?oauth=<token>`. */
-function isAuthorized(request: Request, url: URL, token: string): boolean {
+/**
+ * Accepts `Authorization: OAuth <token>` or Iron's `?oauth=<token>`, and where
+ * `bearer` (the metrics, for Prometheus) also `Authorization: Bearer <token>`.
+ */
+function isAuthorized(
+  request: Request,
+  url: URL,
+  token: string,
+  bearer: boolean,
+): boolean {
   const header = request.headers.get("authorization") ?? "";
-  const match = /^OAuth\s+(\S+)\s*$/i.exec(header);
+  const scheme = bearer
+    ? /^(?:OAuth|Bearer)\s+(\S+)\s*$/i
+    : /^OAuth\s+(\S+)\s*$/i;
+  const match = scheme.exec(header);
   const presented = match?.[1] ?? url.searchParams.get("oauth");
   if (presented === null) return false;
   return timingSafeEqual(sha256(presented), sha256(token));
@@ -1346,33 +1399,42 @@ function createRequestHandler(
   routes: Route[],
   token: string | undefined,
   log: (line: string) => void,
+  metrics: ServerMetrics,
 ): (request: Request) => Promise<Response> {
-  return async (request) => {
-    const url = new URL(request.url);
+  const respond = async (
+    request: Request,
+    url: URL,
+    parts: string[],
+    found: Route | undefined,
+  ): Promise<Response> => {
     try {
-      if (token !== undefined && !isAuthorized(request, url, token)) {
+      const scrape = found?.pattern === METRICS_PATH;
+      if (token !== undefined && !isAuthorized(request, url, token, scrape)) {
+        const header = scrape
+          ? "Bearer <token>' (or 'OAuth <token>')"
+          : "OAuth <token>'";
         return errorResponse(
           401,
-          "Unauthorized: send the header 'Authorization: OAuth <token>' with this server's token",
+          `Unauthorized: send the header 'Authorization: ${header} with this server's token`,
         );
       }
-      const match = matchRoute(routes, url.pathname);
-      if (!match) {
+      if (!found) {
         return errorResponse(
           404,
           `Not found: no IronMQ endpoint at ${url.pathname}`,
         );
       }
-      const handler = match.route.methods[request.method];
+      const params = routeParams(found, parts);
+      const handler = found.methods[request.method];
       if (!handler) {
-        const allowed = Object.keys(match.route.methods).join(", ");
+        const allowed = Object.keys(found.methods).join(", ");
         return errorResponse(
           405,
           `Method ${request.method} not allowed here; use ${allowed}`,
           { allow: allowed },
         );
       }
-      return await handler({ request, url, params: match.params });
+      return await handler({ request, url, params });
     } catch (error) {
       if (error instanceof ApiError) {
         return errorResponse(error.status, error.message);
@@ -1399,6 +1461,129 @@ function createRequestHandler(
       );
     }
   };
+  return async (request) => {
+    const url = new URL(request.url);
+    const parts = url.pathname.split("/").slice(1);
+    const found = findRoute(routes, parts);
+    const response = await respond(request, url, parts, found);
+    metrics.countRequest(request.method, found?.pattern, response.status);
+    return response;
+  };
+}
+
+// ---------------------------------------------------------------------------
+// Metrics: Prometheus text at /metrics
+
+const METRICS_PATH = "/metrics";
+
+/** Methods counted by name; any other is counted as "other" (labels stay few). */
+const COUNTED_METHODS = new Set([
+  "GET",
+  "HEAD",
+  "POST",
+  "PUT",
+  "PATCH",
+  "DELETE",
+  "OPTIONS",
+]);
+
+let processMetrics: Registry | undefined;
+
+/** prom-client's gauges read from /proc/self/status and /proc/self/fd. */
+const PROC_GAUGES = [
+  "process_resident_memory_bytes",
+  "process_virtual_memory_bytes",
+  "process_heap_bytes",
+  "process_open_fds",
+];
+
+/**
+ * prom-client's default metrics (CPU, memory, file descriptors, event loop, GC),
+ * registered once per process: they describe the process, and each registration
+ * adds a GC observer and an event loop monitor that nothing can remove. Made at
+ * the first scrape, so a server nobody scrapes never reads /proc.
+ */
+function processRegistry(): Registry {
+  if (processMetrics) return processMetrics;
+  const registry = new Registry();
+  // prom-client reads /proc/self, already while registering. Where this process
+  // may not read there (a worker's ./start grants only the paths its settings
+  // name), Deno would halt it on a permission prompt in a terminal.
+  const proc = Deno.permissions.querySync({ name: "read", path: "/proc/self" });
+  if (proc.state === "granted") {
+    collectDefaultMetrics({ register: registry });
+    // Gauges named *_total, which promtool rejects (the suffix is for counters);
+    // the per-type gauges they sum (nodejs_active_handles...) stay.
+    for (const kind of ["handles", "requests", "resources"]) {
+      registry.removeSingleMetric(`nodejs_active_${kind}_total`);
+    }
+    // Deno lets only --allow-all read /proc/self/*; `deno task mq` has read
+    // access without it, and these gauges would stay at 0 there.
+    if (!procReadable()) {
+      for (const name of PROC_GAUGES) registry.removeSingleMetric(name);
+    }
+  }
+  return processMetrics = registry;
+}
+
+function procReadable(): boolean {
+  try {
+    Deno.readTextFileSync("/proc/self/status");
+    return true;
+  } catch (error) {
+    return !(error instanceof Deno.errors.NotCapable); // no /proc: not Linux
+  }
+}
+
+/**
+ * One server's own metrics, in its own registry: several servers run in one
+ * process (the tests; a worker with its embedded queue), and prom-client's
+ * global registry would mix their counts.
+ */
+class ServerMetrics {
+  readonly #registry = new Registry();
+  readonly #requests = new Counter({
+    name: "ironmq_http_requests_total",
+    help: "HTTP requests answered, by method, route pattern and status code.",
+    labelNames: ["method", "route", "status"] as const,
+    registers: [this.#registry],
+  });
+
+  constructor(store: QueueStore) {
+    new Gauge({
+      name: "ironmq_queue_messages",
+      help: "Messages in each queue by state (ready, reserved, delayed), " +
+        "read from the database at scrape time.",
+      labelNames: ["project", "queue", "state"] as const,
+      registers: [this.#registry],
+      collect() {
+        // From scratch: a deleted queue's series must go too.
+        this.reset();
+        for (const counts of store.messageCounts()) {
+          const labels = { project: counts.project, queue: counts.name };
+          for (const state of ["ready", "reserved", "delayed"] as const) {
+            this.set({ ...labels, state }, counts[state]);
+          }
+        }
+      },
+    });
+  }
+
+  /** `route` is the matched pattern (not the path, which has names and ids). */
+  countRequest(method: string, route: string | undefined, status: number) {
+    this.#requests.inc({
+      method: COUNTED_METHODS.has(method) ? method : "other",
+      route: route ?? "unmatched",
+      status: String(status),
+    });
+  }
+
+  async scrape(): Promise<Response> {
+    const registry = Registry.merge([processRegistry(), this.#registry]);
+    return new Response(await registry.metrics(), {
+      headers: { "content-type": registry.contentType },
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -1443,7 +1628,12 @@ function listen(options: ResolvedOptions): QueueServer {
   const { hostname, dbPath, token, log, now } = options;
   const polls = new LongPolls(now);
   const store = new QueueStore(dbPath, now, (ref) => polls.poke(queueKey(ref)));
-  const handler = createRequestHandler(buildRoutes(store, polls), token, log);
+  const metrics = new ServerMetrics(store);
+  const routes = [
+    ...buildRoutes(store, polls),
+    route(METRICS_PATH, { GET: () => metrics.scrape() }),
+  ];
+  const handler = createRequestHandler(routes, token, log, metrics);
   let server: Deno.HttpServer<Deno.NetAddr>;
   try {
     server = Deno.serve(

@@ -12,6 +12,7 @@ import {
   queueServerOptionsFromEnv,
   startQueueServer,
 } from "./mq_server.ts";
+import { needs, run } from "./test_sshd.ts";
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -354,9 +355,9 @@ Deno.test("messages: post, reserve, get, peek, delete", async () => {
   });
 });
 
-Deno.test("messages: webhook body becomes one message", async () => {
+Deno.test("messages: webhook body becomes one message, byte for byte (a byte order mark too)", async () => {
   await withServer(async (api) => {
-    const raw = '{"not": "parsed"} \u00e9';
+    const raw = '\uFEFF{"not": "parsed"} \u00e9';
     const answer = await api.call("POST", "/queues/hooks/webhook", raw, {
       "content-type": "text/plain",
     });
@@ -1244,9 +1245,225 @@ Deno.test("queueServerOptionsFromEnv: defaults, values, and every bad variable n
 });
 
 // ---------------------------------------------------------------------------
+// Metrics
+
+const PROMTOOL = "/usr/bin/promtool";
+
+function promtoolMissing(): string | undefined {
+  try {
+    Deno.statSync(PROMTOOL);
+    return undefined;
+  } catch {
+    return `${PROMTOOL} not found (apt-get install prometheus)`;
+  }
+}
+
+async function scrape(
+  url: string,
+  headers: Record<string, string> = {},
+): Promise<string> {
+  const response = await fetch(`${url}/metrics`, { headers });
+  const text = await response.text();
+  assert.equal(response.status, 200, text);
+  assert.match(
+    response.headers.get("content-type") ?? "",
+    /^text\/plain; version=0\.0\.4/,
+  );
+  return text;
+}
+
+/** A scrape's samples whose names start with `prefix`: series as printed → value. */
+function samples(text: string, prefix: string): Record<string, number> {
+  const found: Record<string, number> = {};
+  for (const line of text.split("\n")) {
+    if (!line.startsWith(prefix)) continue;
+    const space = line.lastIndexOf(" ");
+    found[line.slice(0, space)] = Number(line.slice(space + 1));
+  }
+  return found;
+}
+
+function messageSeries(
+  queue: string,
+  counts: { ready: number; reserved: number; delayed: number },
+  project = "proj",
+): Record<string, number> {
+  return Object.fromEntries(
+    Object.entries(counts).map(([state, value]) => [
+      `ironmq_queue_messages{project="${project}",queue="${queue}",state="${state}"}`,
+      value,
+    ]),
+  );
+}
+
+function requestSeries(
+  counts: [method: string, route: string, status: number, count: number][],
+): Record<string, number> {
+  return Object.fromEntries(
+    counts.map(([method, route, status, count]) => [
+      `ironmq_http_requests_total{method="${method}",route="${route}",status="${status}"}`,
+      count,
+    ]),
+  );
+}
+
+const QUEUE_ROUTE = "/3/projects/:project/queues/:queue";
+
+Deno.test("metrics: messages per queue by state, and requests per route and status, exactly", async () => {
+  const clock = new FakeClock();
+  await withServer(async (api, server) => {
+    await api.ok("PUT", "/queues/short", {
+      queue: { message_expiration: 60 },
+    });
+    await api.post("short", "expires in a minute");
+    await api.ok("PUT", "/queues/empty", {});
+    const ids = await api.post("jobs", "a", "b", "c", "d", "e");
+    await api.ok("POST", "/queues/later/messages", {
+      messages: [{ body: "due in a minute", delay: 60 }],
+    });
+    const [released, deleted, held] = await api.reserve("jobs", { n: 3 });
+    await api.ok("POST", `/queues/jobs/messages/${released.id}/release`, {
+      reservation_id: released.reservation_id,
+      delay: 30,
+    });
+    await api.ok("DELETE", `/queues/jobs/messages/${deleted.id}`, {
+      reservation_id: deleted.reservation_id,
+    });
+    expectError(await api.call("GET", "/queues/missing"), 404, /not found/);
+    // Unknown paths and methods count under fixed labels, not as sent.
+    const stray = await fetch(`${server.url}/nowhere/${ids[0]}`);
+    assert.equal(stray.status, 404);
+    await stray.body?.cancel();
+    const brew = await fetch(`${server.url}/metrics`, { method: "BREW" });
+    assert.equal(brew.status, 405);
+    await brew.body?.cancel();
+
+    const requests: [string, string, number, number][] = [
+      ["PUT", QUEUE_ROUTE, 200, 2],
+      ["POST", `${QUEUE_ROUTE}/messages`, 201, 3],
+      ["POST", `${QUEUE_ROUTE}/reservations`, 200, 1],
+      ["POST", `${QUEUE_ROUTE}/messages/:id/release`, 200, 1],
+      ["DELETE", `${QUEUE_ROUTE}/messages/:id`, 200, 1],
+      ["GET", QUEUE_ROUTE, 404, 1],
+      ["GET", "unmatched", 404, 1],
+      ["other", "/metrics", 405, 1],
+    ];
+    assert.deepEqual(samples(await scrape(server.url), "ironmq_"), {
+      ...messageSeries("empty", { ready: 0, reserved: 0, delayed: 0 }),
+      ...messageSeries("jobs", { ready: 2, reserved: 1, delayed: 1 }),
+      ...messageSeries("later", { ready: 0, reserved: 0, delayed: 1 }),
+      ...messageSeries("short", { ready: 1, reserved: 0, delayed: 0 }),
+      ...requestSeries(requests),
+    }, "a scrape counts the requests before it, not itself");
+
+    clock.advance(30); // the release delay is over
+    requests.push(["GET", "/metrics", 200, 1]);
+    assert.deepEqual(samples(await scrape(server.url), "ironmq_"), {
+      ...messageSeries("empty", { ready: 0, reserved: 0, delayed: 0 }),
+      ...messageSeries("jobs", { ready: 3, reserved: 1, delayed: 0 }),
+      ...messageSeries("later", { ready: 0, reserved: 0, delayed: 1 }),
+      ...messageSeries("short", { ready: 1, reserved: 0, delayed: 0 }),
+      ...requestSeries(requests),
+    });
+
+    // The reservation times out (60 s), the delay ends, "short" expires.
+    clock.advance(31);
+    await api.ok("DELETE", "/queues/empty");
+    assert.deepEqual(samples(await scrape(server.url), "ironmq_"), {
+      ...messageSeries("jobs", { ready: 4, reserved: 0, delayed: 0 }),
+      ...messageSeries("later", { ready: 1, reserved: 0, delayed: 0 }),
+      ...messageSeries("short", { ready: 0, reserved: 0, delayed: 0 }),
+      ...requestSeries(requests),
+      ...requestSeries([
+        ["GET", "/metrics", 200, 2],
+        ["DELETE", QUEUE_ROUTE, 200, 1],
+      ]),
+    }, "a deleted queue's series are gone");
+    assert.equal(held.reserved_count, 1);
+    assert.equal((await api.info("jobs")).size, 4, "the API agrees");
+  }, { now: clock.now });
+});
+
+Deno.test({
+  name:
+    "metrics: promtool check metrics accepts a scrape, odd queue names included",
+  ...needs(promtoolMissing(), "promtool check metrics"),
+  fn: async () => {
+    await withServer(async (api, server) => {
+      const odd = 'say "hi" \\ ünïcode';
+      await api.post(encodeURIComponent(odd), "one");
+      await new Api(server.url, "other project").post("jobs", "two");
+      await api.reserve(encodeURIComponent(odd));
+      await scrape(server.url); // so the next one counts a scrape too
+      const text = await scrape(server.url);
+      await run(PROMTOOL, ["check", "metrics"], { stdin: text });
+      const queues = samples(text, "ironmq_queue_messages");
+      assert.equal(
+        queues[
+          String
+            .raw`ironmq_queue_messages{project="proj",queue="say \"hi\" \\ ünïcode",state="reserved"}`
+        ],
+        1,
+        text,
+      );
+      assert.equal(
+        queues[
+          'ironmq_queue_messages{project="other project",queue="jobs",state="ready"}'
+        ],
+        1,
+        text,
+      );
+      const process = samples(text, "process_");
+      assert.ok(process.process_resident_memory_bytes > 0, text);
+      assert.ok(process.process_cpu_seconds_total >= 0, text);
+      assert.match(text, /^nodejs_heap_size_used_bytes \d+/m);
+    });
+  },
+});
+
+Deno.test("metrics: with a token, /metrics refuses requests without it and takes Bearer", async () => {
+  const token = "s3cret-token";
+  await withServer(async (api, server) => {
+    for (
+      const headers of [
+        {} as Record<string, string>,
+        { authorization: "Bearer wrong" },
+        { authorization: token },
+      ]
+    ) {
+      const response = await fetch(`${server.url}/metrics`, { headers });
+      const body = await response.text();
+      assert.equal(response.status, 401, JSON.stringify(headers));
+      assert.match(JSON.parse(body).msg, /Unauthorized.*Bearer <token>/);
+      assert.ok(!body.includes(token), "the token is never echoed");
+    }
+    const text = await scrape(server.url, { authorization: `Bearer ${token}` });
+    assert.deepEqual(samples(text, "ironmq_http_requests_total"), {
+      ...requestSeries([["GET", "/metrics", 401, 3]]),
+    });
+    await scrape(server.url, { authorization: `OAuth ${token}` });
+    // Bearer is for the scraper; the queue API keeps IronMQ's OAuth.
+    expectError(
+      await api.call("GET", "/queues", undefined, {
+        authorization: `Bearer ${token}`,
+      }),
+      401,
+      /OAuth <token>/,
+    );
+  }, { token });
+});
+
+// ---------------------------------------------------------------------------
 // The standalone process
 
 const SERVER_PATH = new URL("./mq_server.ts", import.meta.url).pathname;
+const REPO_CONFIG = new URL("./deno.json", import.meta.url).pathname;
+const TASK_PERMISSIONS = [
+  "--allow-net",
+  "--allow-read",
+  "--allow-write",
+  "--allow-env",
+];
 
 /**
  * `deno task mq` with the given environment, as a child process started from a
@@ -1260,18 +1477,17 @@ class ServerProcess {
     readonly stderr: Promise<string>,
   ) {}
 
-  static spawn(env: Record<string, string>) {
+  /** `permissions`: deno run's flags; by default those of `deno task mq`. */
+  static spawn(env: Record<string, string>, permissions = TASK_PERMISSIONS) {
     const child = new Deno.Command("sh", {
       args: [
         "-c",
         'umask 022 && exec "$0" "$@"',
         Deno.execPath(),
         "run",
-        "--no-config",
-        "--allow-net",
-        "--allow-read",
-        "--allow-write",
-        "--allow-env",
+        // The project's imports (prom-client) and its lock file, as `deno task mq`.
+        `--config=${REPO_CONFIG}`,
+        ...permissions,
         SERVER_PATH,
       ],
       env,
@@ -1288,8 +1504,14 @@ class ServerProcess {
     return { child, listening: listening.promise, stdout, stderr };
   }
 
-  static async start(env: Record<string, string>): Promise<ServerProcess> {
-    const { child, listening, stdout, stderr } = ServerProcess.spawn(env);
+  static async start(
+    env: Record<string, string>,
+    permissions = TASK_PERMISSIONS,
+  ): Promise<ServerProcess> {
+    const { child, listening, stdout, stderr } = ServerProcess.spawn(
+      env,
+      permissions,
+    );
     const exited = child.status.then(async (status) => {
       throw new Error(`mq_server exited ${status.code}: ${await stderr}`);
     });
@@ -1417,6 +1639,46 @@ Deno.test("standalone: refuses non-loopback without a token or a bad database (1
   assert.match(bad.stderr, /MQ_TOKEN/);
   assert.ok(!bad.stderr.includes("two words"));
   assert.equal(bad.stdout, "");
+});
+
+Deno.test("standalone: /metrics has the process metrics its permissions allow, no zeros", async () => {
+  const env = { MQ_PORT: "0", MQ_DB: ":memory:" };
+  const task = await ServerProcess.start(env);
+  try {
+    await new Api(task.url).post("jobs", "a");
+    const text = await scrape(task.url);
+    const process = samples(text, "process_");
+    assert.ok(process.process_cpu_seconds_total > 0, text);
+    assert.ok(samples(text, "nodejs_").nodejs_heap_size_used_bytes > 0, text);
+    // Deno lets only --allow-all read /proc/self, which `deno task mq` lacks.
+    assert.equal(process.process_resident_memory_bytes, undefined, text);
+    assert.deepEqual(
+      samples(text, "ironmq_queue_messages"),
+      messageSeries("jobs", { ready: 1, reserved: 0, delayed: 0 }),
+    );
+  } finally {
+    await task.stop("SIGTERM");
+  }
+  // Like a worker's ./start: only the reads its settings need. No permission
+  // prompt, no process metrics.
+  const narrow = await ServerProcess.start(env, [
+    "--allow-net=127.0.0.1",
+    "--allow-env",
+    "--no-prompt",
+  ]);
+  try {
+    await new Api(narrow.url).post("jobs", "a");
+    const text = await scrape(narrow.url);
+    assert.deepEqual(samples(text, "process_"), {}, text);
+    assert.deepEqual(samples(text, "nodejs_"), {}, text);
+    assert.deepEqual(
+      samples(text, "ironmq_queue_messages"),
+      messageSeries("jobs", { ready: 1, reserved: 0, delayed: 0 }),
+    );
+  } finally {
+    const stopped = await narrow.stop("SIGTERM");
+    assert.equal(stopped.status.code, 0, stopped.stderr);
+  }
 });
 
 // ---------------------------------------------------------------------------

@@ -383,6 +383,7 @@ Deno.test("reliability: a failing command that outlived its reservation (kept by
   let runs = 0;
   const runner: CommandRunner = {
     ready: () => Promise.resolve(),
+    reachable: () => true,
     run: async () => {
       runs++;
       await sleep(1_500);
@@ -400,7 +401,15 @@ Deno.test("reliability: a failing command that outlived its reservation (kept by
   const worker = new Worker(
     {
       command: "long",
+      hosts: [{
+        name: "127.0.0.1",
+        host: "127.0.0.1",
+        port: 22,
+        user: "op",
+        jump: [],
+      }],
       concurrency: 1,
+      hostParallelism: 1,
       timeoutMs: 0,
       maxAttempts: 3,
       retryDelaySeconds: 0,
@@ -410,7 +419,6 @@ Deno.test("reliability: a failing command that outlived its reservation (kept by
       shutdownGraceMs: 1_000,
     },
     { queue, runner, log, clock: realClock, touchIntervalMs: 400 },
-    "127.0.0.1",
     QUEUE,
   );
   const stop = new AbortController();

@@ -501,7 +501,7 @@ async function main(argv: string[], env: Env): Promise<number> {
   } else {
     // Checked as the worker will check it once its eta has come.
     const checkAt = Math.max(now, eta === undefined ? now : Date.parse(eta));
-    const plan = planMessage(body, catalog, "", checkAt);
+    const plan = planMessage(body, catalog, "", checkAt, config.hosts);
     if (plan.kind === "reject") {
       console.error(`send: not posted: ${plan.reason}`);
       return 2;

@@ -416,7 +416,7 @@ Deno.test("tasks.example.yaml is a valid catalog: no problems, no warnings", asy
   const { catalog, warnings } = parseCatalog(
     path,
     await Deno.readTextFile(path),
-    { timeoutMs: 0, maxAttempts: 5 },
+    { timeoutMs: 0, maxAttempts: 5, host: { user: "op", port: 22, jump: [] } },
   );
   assert.deepEqual(warnings, []);
   assert.equal(catalog.defaultTask, "os_release");

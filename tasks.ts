@@ -64,7 +64,12 @@ async function main(): Promise<number> {
     config.ssh.passphrase,
     config.http?.token,
   ]);
-  const log = await setupLogging(output.write, config.logLevel, secrets);
+  const log = await setupLogging(
+    output.write,
+    config.logLevel,
+    secrets,
+    config.logFormat,
+  );
 
   let server: QueueServer | undefined;
   if (config.embedded) {
@@ -115,9 +120,11 @@ async function main(): Promise<number> {
   }
 
   const stop = new AbortController();
-  const runner = new SshPool(
+  const hosts = servedHosts(config.task);
+  const runner = new SshHosts(
     config.ssh,
     credentials,
+    hosts,
     config.task.concurrency,
     log,
   );
@@ -130,7 +137,6 @@ async function main(): Promise<number> {
       clock: realClock,
       secrets,
     },
-    config.ssh.host,
     config.queue.queueName,
   );
   let firstSignalAt = 0;
@@ -155,7 +161,9 @@ async function main(): Promise<number> {
     ? `command: ${config.task.command}`
     : `tasks from ${catalog.path}: ${[...catalog.tasks.keys()].join(", ")}`;
   log.info(
-    `worker: queue ${config.queue.queueName} at ${config.queue.baseUrl}, ssh ${config.ssh.user}@${config.ssh.host}:${config.ssh.port}, ${runs}, concurrency ${config.task.concurrency}`,
+    `worker: queue ${config.queue.queueName} at ${config.queue.baseUrl}, ssh ${
+      hosts.length === 1 ? hostKey(hosts[0]) : `${hosts.length} hosts`
+    }, ${runs}, concurrency ${config.task.concurrency}`,
   );
   for (const warning of config.warnings) log.warn(warning);
   try {
@@ -227,11 +235,12 @@ interface Held {
   maxAttempts?: number;
   /** The worker's secrets and the message's secret parameters. */
   secrets?: Secrets;
-  /** The run, for the result. */
-  run?: RunRecord;
+  /** Its runs, one a host, for the result. */
+  runs?: RunRecord[];
 }
 
 interface RunRecord {
+  host: HostSpec;
   startedAt: number;
   finishedAt: number;
   result: RunResult;
@@ -244,6 +253,8 @@ interface Failure {
   reason: string;
   exitStatus?: number | string;
   stderrTail?: string;
+  /** The hosts to run it on again (the failed ones), when others succeeded. */
+  hosts?: string[];
 }
 
 export class Worker {
@@ -257,14 +268,12 @@ export class Worker {
   constructor(
     private readonly task: TaskConfig,
     private readonly deps: WorkerDeps,
-    private readonly host: string,
     queueName: string,
   ) {
     const attempts = new AttemptCounter();
     this.settler = new Settler(
       task,
       deps,
-      host,
       queueName,
       attempts,
       (held) => this.fetcher.forget(held),
@@ -335,12 +344,14 @@ export class Worker {
       this.task.catalog,
       this.task.command,
       clock.now(),
+      this.task.hosts,
     );
     held.meta = plan.meta;
     held.secrets = (this.deps.secrets ?? new Secrets([])).with(
       plan.kind === "run" ? plan.secrets : [],
     );
     const named = plan.meta.task === undefined ? "" : ` (${plan.meta.task})`;
+    const about = fieldsOf(held);
     const owed = this.attempts.owed(id);
     if (owed !== undefined) {
       // Its outcome is known here, but its dead-letter record or its result
@@ -349,15 +360,17 @@ export class Worker {
         `message ${id}${named}: not run again: its ${owed.status} ${
           owed.kind === "record" ? "dead-letter record" : "result"
         } is still to be posted`,
+        about,
       );
       return owed.kind === "record"
         ? this.settler.deadLetter(held, owed.failure, owed.status)
-        : this.settler.resendResult(held, owed);
+        : this.settler.resendPosts(held, owed);
     }
     switch (plan.kind) {
       case "reject":
         log.error(
           `message ${id}${named}: will not run anything: ${plan.reason}`,
+          about,
         );
         return this.settler.deadLetter(
           held,
@@ -365,7 +378,7 @@ export class Worker {
           "REJECTED",
         );
       case "revoke":
-        log.warn(`message ${id}${named}: revoked: ${plan.reason}`);
+        log.warn(`message ${id}${named}: revoked: ${plan.reason}`, about);
         return this.settler.revoke(held, plan.reason);
       case "hold": {
         const seconds = Math.ceil((plan.untilMs - clock.now()) / 1000);
@@ -373,6 +386,7 @@ export class Worker {
           `message ${id}${named}: held back until its eta, ${
             new Date(plan.untilMs).toISOString()
           }`,
+          about,
         );
         // IronMQ delays a release by at most 7 days: a later eta takes several.
         return this.settler.notRun(held, Math.min(604_800, seconds), "its eta");
@@ -381,97 +395,134 @@ export class Worker {
     held.attempt += plan.meta.priorRetries;
     held.maxAttempts = plan.task?.maxAttempts ?? this.task.maxAttempts;
 
-    const prefix = `[${this.host}]`;
-    log.info(`${prefix} run: ${held.secrets.mask(plan.display)}`);
-    log.debug(`message ${id}${named}: attempt ${held.attempt}`);
-    const run = await this.execute(
-      plan.command,
-      plan.task?.timeoutMs ?? this.task.timeoutMs,
-      held.secrets,
-    );
-    held.run = run;
-    const { result } = run;
-    const took = `${run.finishedAt - run.startedAt} ms`;
-    const failed = (reason: string, exitStatus: number | string) =>
-      this.settler.failed(held, {
-        reason,
-        exitStatus,
-        stderrTail: run.stderr.toString().slice(-2048),
-      });
+    const { hosts } = plan;
+    const display = held.secrets.mask(plan.display);
+    if (hosts.length > 1) {
+      log.info(
+        `message ${id}: ${plan.meta.task ?? display} on ${hosts.length} hosts`,
+        about,
+      );
+    }
+    log.debug(`message ${id}${named}: attempt ${held.attempt}`, about);
+    const timeoutMs = plan.task?.timeoutMs ?? this.task.timeoutMs;
+    const limit = `${timeoutMs / 1000} s (${
+      plan.task ? "its timeout" : "TASK_TIMEOUT"
+    })`;
+    const runs = await this.fanOut(hosts, async (host) => {
+      log.info(`[${host.name}] run: ${display}`, { ...about, host: host.name });
+      const run = await this.execute(host, plan.command, timeoutMs, held);
+      logEnd(log, run, id, limit, { ...about, host: host.name });
+      return run;
+    });
+    held.runs = runs;
 
-    switch (result.kind) {
-      case "exit":
-        if (result.code === 0) {
-          log.info(`${prefix} exit: 0 (message ${id}, ${took})`);
-          return this.settler.delete(held);
-        }
-        log.warn(`${prefix} exit: ${result.code} (message ${id}, ${took})`);
-        return failed(`exit status ${result.code}`, result.code);
-      case "signal":
+    const failed = runs.filter((r) =>
+      r.result.kind !== "exit" || r.result.code !== 0
+    );
+    if (hosts.length > 1) {
+      const ok = `message ${id}: ${
+        hosts.length - failed.length
+      } of ${hosts.length} hosts succeeded`;
+      if (failed.length === 0) log.info(ok, about);
+      else {
         log.warn(
-          `${prefix} killed by signal ${result.signal} (message ${id}, ${took})`,
-        );
-        return failed(`killed by signal ${result.signal}`, result.signal);
-      case "timeout": {
-        const limit = `${
-          (plan.task?.timeoutMs ?? this.task.timeoutMs) / 1000
-        } s`;
-        log.warn(`${prefix} timed out after ${limit}: stopped (message ${id})`);
-        return failed(
-          `timed out after ${limit} (${
-            plan.task ? "its timeout" : "TASK_TIMEOUT"
-          })`,
-          "timeout",
+          `${ok}; failed: ${
+            failed.map((r) => `${r.host.name} (${briefly(r.result, limit)})`)
+              .join(", ")
+          }`,
+          about,
         );
       }
-      case "aborted":
-        log.warn(`${prefix} stopped by shutdown (message ${id}, ${took})`);
-        return this.settler.notRun(
+    }
+    if (failed.length === 0) return this.settler.delete(held);
+    // Nothing ran anywhere, in a stop or while no host can be reached: not
+    // an attempt. A host that cannot be reached while others can is that
+    // host's failure, counted like a failed command.
+    const stopped = failed.some((r) => r.result.kind === "aborted");
+    if (
+      failed.length === runs.length &&
+      failed.every((r) =>
+        r.result.kind === "aborted" || r.result.kind === "ssh-error"
+      ) &&
+      (stopped || !this.deps.runner.reachable())
+    ) {
+      return stopped
+        ? this.settler.notRun(
           held,
           0,
           "stopped by shutdown",
           this.fetcher.pollsEnded,
-        );
-      case "ssh-error":
-        log.error(`${prefix} ssh error: ${result.error} (message ${id})`);
-        return this.settler.notRun(
-          held,
-          this.task.retryDelaySeconds,
-          "SSH failed",
-        );
+        )
+        : this.settler.notRun(held, this.task.retryDelaySeconds, "SSH failed");
     }
+    const failure = failureOf(failed, runs.length, limit);
+    // Only the failed hosts run again; those that succeeded never do.
+    if (failed.length < runs.length) {
+      failure.hosts = failed.map((r) => r.host.name);
+    }
+    return this.settler.failed(held, failure);
   }
 
-  /** Runs a command, logging its output line by line as Fabric did. */
+  /** Runs `each` for every host, at most TASK_HOST_PARALLELISM at once, in order. */
+  private async fanOut(
+    hosts: HostSpec[],
+    each: (host: HostSpec) => Promise<RunRecord>,
+  ): Promise<RunRecord[]> {
+    const runs: RunRecord[] = [];
+    let next = 0;
+    const lane = async () => {
+      while (next < hosts.length) {
+        const i = next++;
+        runs[i] = await each(hosts[i]);
+      }
+    };
+    const lanes = Math.min(this.task.hostParallelism, hosts.length);
+    await Promise.all(Array.from({ length: lanes }, lane));
+    return runs;
+  }
+
+  /** Runs a command on one host, logging its output line by line as Fabric did. */
   private async execute(
+    host: HostSpec,
     command: string,
     timeoutMs: number,
-    secrets: Secrets,
+    held: Held,
   ): Promise<RunRecord> {
     const { log, clock } = this.deps;
-    const prefix = `[${this.host}]`;
+    const secrets = held.secrets ?? new Secrets([]);
+    const prefix = `[${host.name}]`;
+    const about: LogFields = { ...fieldsOf(held), host: host.name };
     const stdout = new Tail();
     const stderr = new Tail();
     const out = new LineSplitter(
       (line) => {
         stdout.add(line);
-        log.info(`${prefix} out: ${line}`);
+        log.info(`${prefix} out: ${line}`, { ...about, stream: "stdout" });
       },
       { secrets },
     );
     const err = new LineSplitter(
       (line) => {
         stderr.add(line);
-        log.info(`${prefix} err: ${line}`);
+        log.info(`${prefix} err: ${line}`, { ...about, stream: "stderr" });
       },
       { secrets },
     );
-    const controller = new AbortController();
-    if (this.hardStop.signal.aborted) controller.abort();
-    this.running.add(controller);
     const startedAt = clock.now();
+    const record = (result: RunResult): RunRecord => ({
+      host,
+      startedAt,
+      finishedAt: clock.now(),
+      result,
+      stdout,
+      stderr,
+    });
+    // A hard stop during a fan-out: the hosts not started yet never start.
+    if (this.hardStop.signal.aborted) return record({ kind: "aborted" });
+    const controller = new AbortController();
+    this.running.add(controller);
     try {
-      const result = await this.deps.runner.run(command, {
+      const result = await this.deps.runner.run(host, command, {
         onStdout: (chunk) => out.push(chunk),
         onStderr: (chunk) => err.push(chunk),
         timeoutMs,
@@ -479,7 +530,7 @@ export class Worker {
       });
       out.end();
       err.end();
-      return { startedAt, finishedAt: clock.now(), result, stdout, stderr };
+      return record(result);
     } finally {
       this.running.delete(controller);
     }
@@ -511,17 +562,120 @@ export class Worker {
   }
 }
 
+/** What a message's log lines are about, for LOG_FORMAT=json. */
+function fieldsOf(held: Held): LogFields {
+  return { message_id: held.message.id, task: held.meta?.task };
+}
+
+/** A host's end, in the log: Fabric's `[host] exit: 0`, or what went wrong. */
+function logEnd(
+  log: Log,
+  run: RunRecord,
+  id: string,
+  limit: string,
+  about: LogFields,
+): void {
+  const prefix = `[${run.host.name}]`;
+  const took = `${run.finishedAt - run.startedAt} ms`;
+  const { result } = run;
+  switch (result.kind) {
+    case "exit":
+      if (result.code === 0) {
+        return log.info(`${prefix} exit: 0 (message ${id}, ${took})`, about);
+      }
+      return log.warn(
+        `${prefix} exit: ${result.code} (message ${id}, ${took})`,
+        about,
+      );
+    case "signal":
+      return log.warn(
+        `${prefix} killed by signal ${result.signal} (message ${id}, ${took})`,
+        about,
+      );
+    case "timeout":
+      return log.warn(
+        `${prefix} timed out after ${limit}: stopped (message ${id})`,
+        about,
+      );
+    case "aborted":
+      return log.warn(
+        `${prefix} stopped by shutdown (message ${id}, ${took})`,
+        about,
+      );
+    case "ssh-error":
+      return log.error(
+        `${prefix} ssh error: ${result.error} (message ${id})`,
+        about,
+      );
+  }
+}
+
+/** A failed run in a few words, for the summary line and the failure's reason. */
+function briefly(result: RunResult, limit: string): string {
+  switch (result.kind) {
+    case "exit":
+      return `exit ${result.code}`;
+    case "signal":
+      return `killed by signal ${result.signal}`;
+    case "timeout":
+      return `timed out after ${limit}`;
+    case "aborted":
+      return "stopped by shutdown";
+    case "ssh-error":
+      // Its first words: the host's own line has the whole of it.
+      return `ssh: ${
+        result.error.replace(/ for \S+.*$| \(.*$|: .*$|; .*$/s, "")
+      }`;
+  }
+}
+
+/** Why a message failed: its one host's outcome, or which of its hosts failed and how. */
+function failureOf(failed: RunRecord[], hosts: number, limit: string): Failure {
+  if (hosts === 1) {
+    const { result, stderr } = failed[0];
+    return {
+      reason: result.kind === "exit"
+        ? `exit status ${result.code}`
+        : briefly(result, limit),
+      exitStatus: result.kind === "exit"
+        ? result.code
+        : result.kind === "signal"
+        ? result.signal
+        : result.kind === "timeout"
+        ? "timeout"
+        : undefined,
+      stderrTail: stderr.toString().slice(-2048),
+    };
+  }
+  return {
+    reason: `${failed.length} of ${hosts} hosts failed: ${
+      failed.map((r) => `${r.host.name} (${briefly(r.result, limit)})`).join(
+        ", ",
+      )
+    }`,
+  };
+}
+
 // ---------------------------------------------------------------------------
 // Settling: deletes in batches, releases and dead letters, off the processors'
 // path; shutdown waits for them
 // ---------------------------------------------------------------------------
 
-type Status = "SUCCESS" | "FAILURE" | "REJECTED" | "REVOKED";
+/** A message's outcome, in its result; RETRY: some hosts failed and only they run again. */
+type Status = "SUCCESS" | "FAILURE" | "REJECTED" | "REVOKED" | "RETRY";
+
+/** A message to post before the delete: the result, or the continuation for the failed hosts. */
+interface Post {
+  what: "result" | "continuation";
+  queue: string;
+  body: string;
+  delaySeconds: number;
+}
 
 /** What is still to be posted for a message whose outcome is known. */
 type Owed =
   | { kind: "record"; status: "FAILURE" | "REJECTED"; failure: Failure }
-  | { kind: "result"; status: Status; to: string; body: string };
+  | { kind: "posts"; status: Status; posts: Post[] };
 
 class Settler {
   private readonly pending = new Set<Promise<void>>();
@@ -530,7 +684,6 @@ class Settler {
   constructor(
     private readonly task: TaskConfig,
     private readonly deps: WorkerDeps,
-    private readonly host: string,
     private readonly queueName: string,
     private readonly attempts: AttemptCounter,
     /** Told when a message's settling begins (a delete, release or dead letter). */
@@ -549,7 +702,12 @@ class Settler {
     this.track(held, this.finish(held, "REVOKED", reason));
   }
 
-  /** The command failed: a retry later, or the dead-letter queue after the last attempt. */
+  /**
+   * The command failed: a retry later, or the dead-letter queue after the
+   * last attempt. When only some of its hosts failed, the retry is a new
+   * message for those hosts (its continuation, delayed as a release would
+   * be, carrying the attempts so far), posted before this one is deleted.
+   */
   failed(held: Held, failure: Failure): void {
     const maxAttempts = held.maxAttempts ?? this.task.maxAttempts;
     if (held.attempt >= maxAttempts) {
@@ -559,6 +717,18 @@ class Settler {
       held.attempt,
       this.task.retryDelaySeconds,
     );
+    if (failure.hosts !== undefined) {
+      const continuation: Post = {
+        what: "continuation",
+        queue: this.queueName,
+        body: continuationBody(held.message.body, failure.hosts, held.attempt),
+        delaySeconds: delay,
+      };
+      return this.track(
+        held,
+        this.finish(held, "RETRY", failure.reason, [continuation]),
+      );
+    }
     this.track(
       held,
       this.release(
@@ -609,33 +779,50 @@ class Settler {
     const tracked = work.catch((e) =>
       this.deps.log.error(
         `message ${held.message.id}: unexpected error: ${errorText(e)}`,
+        fieldsOf(held),
       )
     ).finally(() => this.pending.delete(tracked));
     this.pending.add(tracked);
   }
 
-  /** Posts the result (when one is asked for), then deletes the message. */
-  /** A result that could not be posted before: posted now, then the delete. */
-  resendResult(held: Held, owed: Owed & { kind: "result" }): void {
-    this.track(held, this.finish(held, owed.status, undefined, owed));
+  /** What could not be posted before (a result, a continuation): posted now, then the delete. */
+  resendPosts(held: Held, owed: Owed & { kind: "posts" }): void {
+    this.track(
+      held,
+      this.finish(held, owed.status, undefined, owed.posts, true),
+    );
   }
 
+  /**
+   * Posts the continuation (when some hosts run again) and the result (when
+   * one is asked for), then deletes the message.
+   */
   private async finish(
     held: Held,
     status: Status,
     reason?: string,
-    owed?: Owed & { kind: "result" },
+    posts: Post[] = [],
+    owed = false,
   ): Promise<void> {
     await held.keeper?.stop();
-    const result = owed ?? this.resultOf(held, status, reason);
-    if (result !== undefined && !await this.postResult(held, result)) {
-      // Never zero results: the message goes back; this worker posts the
-      // result when it comes back, other workers may run it again.
-      this.attempts.owe(held.message.id, result);
+    const result = owed ? undefined : this.resultOf(held, status, reason);
+    const all = result === undefined ? posts : [...posts, result];
+    for (const [i, post] of all.entries()) {
+      if (await this.post(held, status, post)) continue;
+      // Never zero results, never a lost retry: the message goes back; this
+      // worker posts what is left when it comes back (other workers may run
+      // it again).
+      this.attempts.owe(held.message.id, {
+        kind: "posts",
+        status,
+        posts: all.slice(i),
+      });
       return await this.release(
         held,
         releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
-        `its ${status} result could not be posted yet`,
+        `its ${
+          post.what === "result" ? `${status} result` : "continuation"
+        } could not be posted yet`,
       );
     }
     const id = held.message.id;
@@ -649,6 +836,7 @@ class Settler {
       // Most often our own earlier try landed and only its reply was lost.
       this.deps.log.info(
         `message ${id}: already gone from the queue when deleted`,
+        fieldsOf(held),
       );
       return;
     }
@@ -659,65 +847,100 @@ class Settler {
       `message ${id}: ${
         status === "SUCCESS" ? "the command succeeded but " : ""
       }the delete did not: ${why}`,
+      fieldsOf(held),
     );
   }
 
   /**
-   * The result of a message's final outcome, for its `reply_to` queue or
+   * The result of a message's outcome, for its `reply_to` queue or
    * TASK_RESULTS_QUEUE; undefined when none is asked for.
    */
   private resultOf(
     held: Held,
     status: Status,
     reason?: string,
-  ): Owed & { kind: "result" } | undefined {
+  ): Post | undefined {
     const to = held.meta?.replyTo ?? this.task.resultsQueue;
     if (to === undefined) return undefined;
     const mask = this.maskerFor(held);
-    const run = held.run;
-    const hosts: Record<string, unknown> = {};
-    if (run !== undefined) {
-      hosts[this.host] = {
-        exit_status: run.result.kind === "exit" ? run.result.code : null,
-        signal: run.result.kind === "signal" ? run.result.signal : null,
-        duration_ms: run.finishedAt - run.startedAt,
-        stdout: mask(run.stdout.toString()),
-        stderr: mask(run.stderr.toString()),
-        truncated: {
-          stdout: run.stdout.truncated,
-          stderr: run.stderr.truncated,
-        },
-      };
-    }
+    const runs = held.runs ?? [];
     const body = JSON.stringify({
       message_id: held.message.id,
       task_id: held.meta?.taskId ?? null,
       task: held.meta?.task ?? null,
       status,
-      hosts,
+      hosts: this.hostsOf(held, Infinity),
       attempts: held.attempt,
-      started_at: run ? new Date(run.startedAt).toISOString() : null,
-      finished_at: new Date(run?.finishedAt ?? this.deps.clock.now())
-        .toISOString(),
+      started_at: runs.length > 0
+        ? new Date(Math.min(...runs.map((r) => r.startedAt))).toISOString()
+        : null,
+      finished_at: new Date(
+        runs.length > 0
+          ? Math.max(...runs.map((r) => r.finishedAt))
+          : this.deps.clock.now(),
+      ).toISOString(),
       reason: reason === undefined ? null : mask(reason),
     });
-    return { kind: "result", status, to, body };
+    return { what: "result", queue: to, body, delaySeconds: 0 };
   }
 
-  private async postResult(
-    held: Held,
-    { status, to, body }: Owed & { kind: "result" },
-  ): Promise<boolean> {
+  /** Each host's outcome of the last run, output tails cut to `tailChars`. */
+  private hostsOf(held: Held, tailChars: number): Record<string, unknown> {
+    const mask = this.maskerFor(held);
+    const tail = (t: Tail) => mask(t.toString()).slice(-tailChars);
+    const hosts: Record<string, unknown> = {};
+    for (const run of held.runs ?? []) {
+      const { result } = run;
+      hosts[run.host.name] = {
+        exit_status: result.kind === "exit" ? result.code : null,
+        signal: result.kind === "signal" ? result.signal : null,
+        duration_ms: run.finishedAt - run.startedAt,
+        stdout: tail(run.stdout),
+        stderr: tail(run.stderr),
+        truncated: {
+          stdout: run.stdout.truncated ||
+            run.stdout.toString().length > tailChars,
+          stderr: run.stderr.truncated ||
+            run.stderr.toString().length > tailChars,
+        },
+        error: result.kind === "ssh-error"
+          ? mask(result.error)
+          : result.kind === "timeout"
+          ? "timed out"
+          : result.kind === "aborted"
+          ? "stopped by shutdown"
+          : null,
+      };
+    }
+    return hosts;
+  }
+
+  private async post(held: Held, status: Status, post: Post): Promise<boolean> {
     const { queue, clock, log } = this.deps;
+    const what = post.what === "result" ? `${status} result` : "continuation";
     try {
-      await queueCall(() => queue.post(to, [body]), clock);
-      log.debug(`message ${held.message.id}: result ${status} posted to ${to}`);
+      const [id] = await queueCall(
+        () => queue.post(post.queue, [post.body], post.delaySeconds),
+        clock,
+      );
+      if (post.what === "continuation") {
+        log.info(
+          `message ${held.message.id}: the failed hosts run again as message ${id} in ${post.delaySeconds} s`,
+          fieldsOf(held),
+        );
+      } else {
+        log.debug(
+          `message ${held.message.id}: ${what} posted to ${post.queue}`,
+          fieldsOf(held),
+        );
+      }
       return true;
     } catch (e) {
       log.error(
-        `message ${held.message.id}: cannot post its ${status} result to ${to} (${
+        `message ${held.message.id}: cannot post its ${what} to ${post.queue} (${
           errorText(e)
         })`,
+        fieldsOf(held),
       );
       return false;
     }
@@ -742,12 +965,14 @@ class Settler {
       );
       this.deps.log.info(
         `message ${id}: released for a retry in ${delaySeconds} s (${why})`,
+        fieldsOf(held),
       );
     } catch (e) {
       this.deps.log.warn(
         `message ${id}: release failed (${
           errorText(e)
         }); it returns to the queue when its reservation times out (${why})`,
+        fieldsOf(held),
       );
     }
   }
@@ -769,12 +994,16 @@ class Settler {
     const { queue, clock, log } = this.deps;
     const dlq = this.task.deadLetterQueue;
     const mask = this.maskerFor(held);
+    // Run again from here, it runs on the hosts that failed, from attempt 1.
+    const body = failure.hosts !== undefined || held.meta?.priorRetries
+      ? continuationBody(message.body, failure.hosts)
+      : message.body;
     const record = {
       queue: this.queueName,
       id: message.id,
       task: held.meta?.task,
       task_id: held.meta?.taskId,
-      body: message.body as string | undefined,
+      body: body as string | undefined,
       body_message_id: undefined as string | undefined,
       attempts: held.attempt,
       reason: mask(failure.reason),
@@ -782,6 +1011,7 @@ class Settler {
       stderr_tail: failure.stderrTail === undefined
         ? undefined
         : mask(failure.stderrTail),
+      hosts: this.hostsOf(held, 2048),
       failed_at: new Date(clock.now()).toISOString(),
     };
     let where = dlq;
@@ -791,7 +1021,7 @@ class Settler {
       } catch (e) {
         if (!(e instanceof QueueError && e.status === 413)) throw e;
         const [bodyId] = await queueCall(
-          () => queue.postVerbatim(dlq, message.body),
+          () => queue.postVerbatim(dlq, body),
           clock,
         );
         record.body = undefined;
@@ -805,6 +1035,7 @@ class Settler {
         `message ${message.id}: cannot record it in ${dlq} (${
           errorText(e)
         }); keeping it in ${this.queueName}, where it will not run again`,
+        fieldsOf(held),
       );
       this.attempts.owe(message.id, { kind: "record", status, failure });
       return await this.release(
@@ -817,6 +1048,7 @@ class Settler {
       `message ${message.id}: moved to ${where} after ${held.attempt} attempt(s): ${
         mask(failure.reason)
       }`,
+      fieldsOf(held),
     );
     await this.finish(held, status, failure.reason);
   }
@@ -825,6 +1057,28 @@ class Settler {
 /** The release delay after `attempts` failed runs: the base, doubling each time, at most 15 minutes. */
 function releaseDelaySeconds(attempts: number, baseSeconds: number): number {
   return backoffMs(attempts - 1, baseSeconds * 1000, 900_000, 1) / 1000;
+}
+
+/**
+ * The message again, for some of its hosts: its JSON object (a plain-text
+ * body runs as `{"args": []}` does) with "hosts" set (unless undefined), and
+ * "retries" set to the attempts so far (left out: a fresh start, for a dead
+ * letter's body).
+ */
+function continuationBody(
+  body: string,
+  hosts: string[] | undefined,
+  retries?: number,
+): string {
+  const parsed = parseJsonBody(body);
+  const message: Record<string, unknown> = parsed !== undefined &&
+      "object" in parsed
+    ? { ...parsed.object }
+    : { args: [] };
+  if (hosts !== undefined) message.hosts = hosts;
+  if (retries === undefined) delete message.retries;
+  else message.retries = retries;
+  return JSON.stringify(message);
 }
 
 type DeleteOutcome = "deleted" | "expired" | "gone" | "failed";
@@ -1515,16 +1769,18 @@ function parseJsonBody(
   return { object: parsed };
 }
 
-/** `{"args": [strings]}` and nothing else. */
+/** `{"args": [strings]}`, with "hosts" and "retries" allowed beside it. */
 function argsOf(
   parsed: Record<string, unknown>,
 ): string[] | { reason: string } {
-  const extra = Object.keys(parsed).filter((k) => k !== "args");
+  const extra = Object.keys(parsed).filter((k) =>
+    !["args", "hosts", "retries"].includes(k)
+  );
   if (extra.length > 0) {
     return {
       reason: `unknown field(s) ${
         extra.map((k) => JSON.stringify(k)).join(", ")
-      } in a JSON body: only "args" is allowed (or "task" and its fields, with a catalog)`,
+      } in a JSON body: only "args", "hosts" and "retries" are allowed (or "task" and its fields, with a catalog)`,
     };
   }
   const args = parsed.args;
@@ -1567,6 +1823,8 @@ export type MessagePlan =
     /** The command as the log shows it: secret parameters [redacted]. */
     display: string;
     task?: TaskSpec;
+    /** Where it runs: its task's hosts (else SSH_HOST's), narrowed by the message. */
+    hosts: HostSpec[];
     /** Values of secret parameters, masked wherever the message shows. */
     secrets: string[];
     meta: MessageMeta;
@@ -1588,6 +1846,7 @@ const CELERY_FIELDS = [
   "eta",
   "expires",
   "reply_to",
+  "hosts",
 ];
 const CELERY_IGNORED = [
   "utc",
@@ -1604,13 +1863,15 @@ const CELERY_IGNORED = [
  * TASK_COMMAND with no catalog); `{"args": [...]}` fills the default task's
  * parameters (or follows TASK_COMMAND); a Celery message (`{"task": ...}`)
  * runs that task of the catalog, once its `eta` has come and unless its
- * `expires` has passed.
+ * `expires` has passed. It runs on its task's hosts (else on `hosts`, SSH_HOST),
+ * or on those of them the message's `"hosts"` names.
  */
 export function planMessage(
   body: string,
   catalog: Catalog | undefined,
   baseCommand: string,
   nowMs: number,
+  hosts: HostSpec[],
 ): MessagePlan {
   const meta: MessageMeta = { priorRetries: 0 };
   const reject = (reason: string): MessagePlan => ({
@@ -1618,22 +1879,39 @@ export function planMessage(
     reason,
     meta,
   });
+  let wanted: unknown;
+  const where = (task?: TaskSpec): HostSpec[] | string => {
+    const all = task?.hosts ?? hosts;
+    return wanted === undefined
+      ? all
+      : narrowHosts(wanted, all, catalog?.groups ?? new Map());
+  };
   const run = (
     task: TaskSpec,
     args: unknown[],
     kwargs: Record<string, unknown>,
   ): MessagePlan => {
     const bound = bindParams(task, args, kwargs);
-    return bound.ok
-      ? {
-        kind: "run",
-        command: bound.command,
-        display: bound.display,
-        task,
-        secrets: bound.secrets,
-        meta,
-      }
-      : reject(bound.reason);
+    if (!bound.ok) return reject(bound.reason);
+    const on = where(task);
+    if (typeof on === "string") return reject(on);
+    return {
+      kind: "run",
+      command: bound.command,
+      display: bound.display,
+      task,
+      hosts: on,
+      secrets: bound.secrets,
+      meta,
+    };
+  };
+  /** Celery's `retries`; a continuation's too: the attempts its hosts have had. */
+  const readRetries = (object: Record<string, unknown>): string | undefined => {
+    const retries = object.retries ?? 0;
+    if (!(Number.isInteger(retries) && (retries as number) >= 0)) {
+      return `"retries" must be a whole number from 0 up`;
+    }
+    meta.priorRetries = retries as number;
   };
   const defaultTask = () => {
     if (catalog?.defaultTask === undefined) return undefined;
@@ -1654,17 +1932,22 @@ export function planMessage(
   if (parsed === undefined || !("task" in parsed.object)) {
     const args = parsed === undefined ? [] : argsOf(parsed.object);
     if (!Array.isArray(args)) return reject(args.reason);
+    wanted = parsed?.object.hosts;
+    const retries = parsed && readRetries(parsed.object);
+    if (retries) return reject(retries);
     if (catalog === undefined) {
       const plan = withArgs(baseCommand, args);
-      return plan.ok
-        ? {
-          kind: "run",
-          command: plan.command,
-          display: plan.command,
-          secrets: [],
-          meta,
-        }
-        : reject(plan.reason);
+      if (!plan.ok) return reject(plan.reason);
+      const on = where();
+      if (typeof on === "string") return reject(on);
+      return {
+        kind: "run",
+        command: plan.command,
+        display: plan.command,
+        hosts: on,
+        secrets: [],
+        meta,
+      };
     }
     const task = defaultTask();
     return task === undefined ? noDefault() : run(task, args, {});
@@ -1703,11 +1986,9 @@ export function planMessage(
   ) {
     return reject(`"reply_to" must be a queue name`);
   }
-  const retries = message.retries ?? 0;
-  if (!(Number.isInteger(retries) && (retries as number) >= 0)) {
-    return reject(`"retries" must be a whole number from 0 up`);
-  }
-  meta.priorRetries = retries as number;
+  const retries = readRetries(message);
+  if (retries) return reject(retries);
+  wanted = message.hosts;
   const args = message.args ?? [];
   if (!Array.isArray(args)) return reject(`"args" must be a list`);
   const kwargs = message.kwargs ?? {};
@@ -1789,6 +2070,8 @@ export interface TaskSpec {
   timeoutMs: number;
   maxAttempts: number;
   description?: string;
+  /** Where it runs (its hosts: groups and hosts); undefined: SSH_HOST. */
+  hosts?: HostSpec[];
 }
 
 export interface Catalog {
@@ -1796,6 +2079,16 @@ export interface Catalog {
   tasks: Map<string, TaskSpec>;
   /** What a plain-text body runs. */
   defaultTask?: string;
+  /** The host groups (hosts:), for tasks and for a message's "hosts". */
+  groups: Map<string, HostSpec[]>;
+}
+
+/** What a catalog's tasks get when they do not say. */
+export interface CatalogDefaults {
+  timeoutMs: number;
+  maxAttempts: number;
+  /** SSH_USER, SSH_PORT and SSH_PROXY_JUMP, for the hosts it names. */
+  host: HostDefaults;
 }
 
 const PLACEHOLDER = /\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}/g;
@@ -1808,7 +2101,7 @@ const PARAM_TYPES: ParamType[] = ["string", "integer", "number", "boolean"];
 export function parseCatalog(
   path: string,
   text: string,
-  defaults: { timeoutMs: number; maxAttempts: number },
+  defaults: CatalogDefaults,
 ): { catalog: Catalog; warnings: string[] } {
   const problems: string[] = [];
   const warnings: string[] = [];
@@ -1825,10 +2118,17 @@ export function parseCatalog(
     ]);
   }
   for (const key of Object.keys(root)) {
-    if (key !== "tasks" && key !== "default") {
-      problems.push(at(key, `unknown key (expected "tasks" or "default")`));
+    if (!["tasks", "default", "hosts"].includes(key)) {
+      problems.push(
+        at(key, `unknown key (expected "tasks", "default" or "hosts")`),
+      );
     }
   }
+  const groups = parseGroups(
+    root.hosts,
+    defaults.host,
+    (where, what) => problems.push(at(`hosts${where}`, what)),
+  );
   const tasks = new Map<string, TaskSpec>();
   if (!isRecord(root.tasks) || Object.keys(root.tasks).length === 0) {
     problems.push(at("tasks", "must map task names to their commands"));
@@ -1838,6 +2138,7 @@ export function parseCatalog(
         name,
         value,
         defaults,
+        groups,
         (where, what) => problems.push(at(`tasks.${name}${where}`, what)),
       );
       if (task === undefined) continue;
@@ -1875,15 +2176,115 @@ export function parseCatalog(
     }
   }
   if (problems.length > 0) throw new ConfigError(problems);
-  return { catalog: { path, tasks, defaultTask }, warnings };
+  return { catalog: { path, tasks, defaultTask, groups }, warnings };
 }
 
 type Complain = (where: string, what: string) => void;
 
+/** `hosts:` of a catalog: group names to lists of hosts, or to {hosts, jump}. */
+function parseGroups(
+  value: unknown,
+  defaults: HostDefaults,
+  complain: Complain,
+): Map<string, HostSpec[]> {
+  const groups = new Map<string, HostSpec[]>();
+  if (value === undefined || value === null) return groups;
+  if (!isRecord(value)) {
+    complain("", "must map group names to lists of hosts");
+    return groups;
+  }
+  for (const [name, group] of Object.entries(value)) {
+    const where = `.${name}`;
+    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name)) {
+      complain(
+        where,
+        "a group name is 1 to 64 letters, digits, '_', '-' or '.'",
+      );
+    }
+    let list: unknown = group;
+    let jump = defaults.jump;
+    if (isRecord(group)) {
+      for (const key of Object.keys(group)) {
+        if (key !== "hosts" && key !== "jump") {
+          complain(`${where}.${key}`, `unknown field (known: hosts, jump)`);
+        }
+      }
+      list = group.hosts;
+      if (group.jump !== undefined) {
+        if (typeof group.jump !== "string") {
+          complain(
+            `${where}.jump`,
+            "must be [user@]host[:port], a chain of them, or none",
+          );
+        } else {
+          const parsed = parseJump(group.jump, defaults);
+          parsed.problems.forEach((p) => complain(`${where}.jump`, p));
+          jump = parsed.jump;
+        }
+      }
+    }
+    if (
+      !Array.isArray(list) || list.length === 0 ||
+      !list.every((h) => typeof h === "string")
+    ) {
+      complain(where, "must be a list of hosts ([user@]host[:port])");
+      continue;
+    }
+    const parsed = parseHostList(list.join(","), { ...defaults, jump });
+    parsed.problems.forEach((p) => complain(where, p));
+    groups.set(name, parsed.hosts);
+  }
+  return groups;
+}
+
+/** A task's `hosts:`, groups and single hosts, each host once. */
+function parseTaskHosts(
+  value: unknown,
+  defaults: HostDefaults,
+  groups: Map<string, HostSpec[]>,
+  complain: Complain,
+): HostSpec[] | undefined {
+  if (value === undefined || value === null) return undefined;
+  if (
+    !Array.isArray(value) || value.length === 0 ||
+    !value.every((h) => typeof h === "string")
+  ) {
+    complain(".hosts", "must be a list of group names or hosts");
+    return undefined;
+  }
+  const hosts: HostSpec[] = [];
+  for (const entry of value as string[]) {
+    let found = groups.get(entry);
+    // A bare word that is not a group is a typo more often than a host.
+    if (found === undefined && !/[.:@]/.test(entry) && entry !== "localhost") {
+      complain(
+        ".hosts",
+        `${JSON.stringify(entry)} is not a group in hosts: (${
+          [...groups.keys()].join(", ") || "none"
+        }); a single host needs a dot, a colon or user@ (its address)`,
+      );
+      continue;
+    }
+    if (found === undefined) {
+      const host = parseHost(entry, defaults);
+      if (typeof host === "string") {
+        complain(".hosts", host);
+        continue;
+      }
+      found = [host];
+    }
+    for (const host of found) {
+      if (!hosts.some((h) => h.name === host.name)) hosts.push(host);
+    }
+  }
+  return hosts;
+}
+
 function parseTask(
   name: string,
   value: unknown,
-  defaults: { timeoutMs: number; maxAttempts: number },
+  defaults: CatalogDefaults,
+  groups: Map<string, HostSpec[]>,
   complain: Complain,
 ): TaskSpec | undefined {
   if (!/^[A-Za-z0-9_.-]{1,64}$/.test(name)) {
@@ -1893,7 +2294,14 @@ function parseTask(
     complain("", `must be a mapping with "command:"`);
     return undefined;
   }
-  const known = ["command", "params", "timeout", "max_attempts", "description"];
+  const known = [
+    "command",
+    "params",
+    "timeout",
+    "max_attempts",
+    "description",
+    "hosts",
+  ];
   for (const key of Object.keys(value)) {
     if (!known.includes(key)) {
       complain(`.${key}`, `unknown field (known: ${known.join(", ")})`);
@@ -1950,6 +2358,7 @@ function parseTask(
   ) {
     complain(".max_attempts", "must be a whole number from 1 to 1000");
   }
+  const hosts = parseTaskHosts(value.hosts, defaults.host, groups, complain);
   if (typeof command !== "string") return undefined;
   return {
     name,
@@ -1964,6 +2373,7 @@ function parseTask(
     description: typeof value.description === "string"
       ? value.description
       : undefined,
+    hosts,
   };
 }
 
@@ -2311,15 +2721,174 @@ export function bindParams(
 }
 
 // ---------------------------------------------------------------------------
+// Hosts: where a message's command runs (SSH_HOST, the catalog's groups)
+// ---------------------------------------------------------------------------
+
+/** One SSH destination. */
+export interface HostSpec {
+  /** As written (SSH_HOST, the catalog): its name in log lines, results and a message's "hosts". */
+  name: string;
+  host: string;
+  port: number;
+  user: string;
+  /** The jump hosts to go through, first to last (SSH_PROXY_JUMP, or its group's jump:). */
+  jump: HostSpec[];
+}
+
+/** What a host written without a user, a port or a jump gets. */
+export interface HostDefaults {
+  user: string;
+  port: number;
+  jump: HostSpec[];
+}
+
+const HOST_NAME = /^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$/;
+const USER_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$/;
+
+/** `[user@]host[:port]` (an IPv6 address in brackets when a port follows), or why not. */
+export function parseHost(
+  text: string,
+  defaults: HostDefaults,
+): HostSpec | string {
+  const written = text.trim();
+  const form = `${JSON.stringify(text)}: write [user@]host[:port]`;
+  let rest = written;
+  let user = defaults.user;
+  const at = rest.lastIndexOf("@");
+  if (at >= 0) {
+    user = rest.slice(0, at);
+    rest = rest.slice(at + 1);
+    if (!USER_NAME.test(user)) return `${form} (bad user name)`;
+  }
+  let host = rest;
+  let port = String(defaults.port);
+  const bracketed = /^\[([0-9A-Fa-f:.]+)\](?::(.*))?$/.exec(rest);
+  if (bracketed) {
+    host = bracketed[1];
+    port = bracketed[2] ?? port;
+  } else if ((rest.match(/:/g) ?? []).length === 1) {
+    [host, port] = rest.split(":");
+  }
+  const ipv6 = host.includes(":");
+  if (ipv6 ? !/^[0-9A-Fa-f:.]+$/.test(host) : !HOST_NAME.test(host)) {
+    return `${form} (bad host name)`;
+  }
+  const portNumber = Number(port);
+  if (!/^\d{1,5}$/.test(port) || portNumber < 1 || portNumber > 65535) {
+    return `${form} (the port must be 1 to 65535)`;
+  }
+  return { name: written, host, port: portNumber, user, jump: defaults.jump };
+}
+
+/**
+ * A comma-separated list of hosts (SSH_HOST), or an OpenSSH ProxyJump chain
+ * (SSH_PROXY_JUMP, `jump:`): hosts, or the problems, each naming its entry.
+ */
+export function parseHostList(
+  text: string,
+  defaults: HostDefaults,
+): { hosts: HostSpec[]; problems: string[] } {
+  const hosts: HostSpec[] = [];
+  const problems: string[] = [];
+  const entries = text.split(",").map((s) => s.trim());
+  for (const entry of entries) {
+    if (entry === "") {
+      problems.push(`an empty entry: separate hosts with single commas`);
+      continue;
+    }
+    const host = parseHost(entry, defaults);
+    if (typeof host === "string") problems.push(host);
+    else if (hosts.some((h) => h.name === host.name)) {
+      problems.push(`${JSON.stringify(entry)} is listed twice`);
+    } else hosts.push(host);
+  }
+  return { hosts, problems };
+}
+
+/** A jump chain as written: none, or hosts each reached through the ones before it. */
+export function parseJump(
+  text: string,
+  defaults: Omit<HostDefaults, "jump">,
+): { jump: HostSpec[]; problems: string[] } {
+  if (text.trim() === "none") return { jump: [], problems: [] };
+  const { hosts, problems } = parseHostList(text, { ...defaults, jump: [] });
+  return { jump: hosts, problems };
+}
+
+/** Every host the worker may run commands on: SSH_HOST's, and its tasks'. */
+export function servedHosts(task: TaskConfig): HostSpec[] {
+  const all = new Map<string, HostSpec>();
+  const tasks = [...task.catalog?.tasks.values() ?? []];
+  // SSH_HOST's serve TASK_COMMAND, and the catalog's tasks without hosts:.
+  const usesDefault = task.catalog === undefined ||
+    tasks.some((t) => t.hosts === undefined);
+  for (
+    const host of [
+      ...usesDefault ? task.hosts : [],
+      ...tasks.flatMap((t) => t.hosts ?? []),
+    ]
+  ) {
+    if (!all.has(hostKey(host))) all.set(hostKey(host), host);
+  }
+  return [...all.values()];
+}
+
+/** Which connection a host needs: through its jump hosts, as that user, to that address. */
+export function hostKey(host: HostSpec): string {
+  return [...host.jump, { ...host, jump: [] }]
+    .map((h) => `${h.user}@${bracketIPv6(h.host)}:${h.port}`)
+    .join(" > ");
+}
+
+/** A message's `"hosts"`: groups or host names inside the task's set, or why not. */
+function narrowHosts(
+  wanted: unknown,
+  hosts: HostSpec[],
+  groups: Map<string, HostSpec[]>,
+): HostSpec[] | string {
+  if (
+    !Array.isArray(wanted) || wanted.length === 0 ||
+    !wanted.every((w) => typeof w === "string")
+  ) {
+    return `"hosts" must be a list of host or group names`;
+  }
+  const chosen = new Set<string>();
+  const outside: string[] = [];
+  for (const name of wanted as string[]) {
+    const group = groups.get(name);
+    const members = group?.map((h) => h.name) ?? [name];
+    if (members.every((m) => hosts.some((h) => h.name === m))) {
+      for (const m of members) chosen.add(m);
+    } else outside.push(name);
+  }
+  if (outside.length > 0) {
+    return `"hosts" names ${
+      outside.map((n) => JSON.stringify(n)).join(", ")
+    }, outside this task's hosts (${hosts.map((h) => h.name).join(", ")})`;
+  }
+  return hosts.filter((h) => chosen.has(h.name));
+}
+
+// ---------------------------------------------------------------------------
 // Logging: one event a line on stdout, never blocking; svlogd adds the time
 // ---------------------------------------------------------------------------
 
-export interface Log {
-  debug(text: string): void;
-  info(text: string): void;
-  warn(text: string): void;
-  error(text: string): void;
+/** What a line is about, for LOG_FORMAT=json (the text form has it in the line). */
+export interface LogFields {
+  message_id?: string;
+  task?: string;
+  host?: string;
+  stream?: "stdout" | "stderr";
 }
+
+export interface Log {
+  debug(text: string, fields?: LogFields): void;
+  info(text: string, fields?: LogFields): void;
+  warn(text: string, fields?: LogFields): void;
+  error(text: string, fields?: LogFields): void;
+}
+
+const LOG_FIELDS = ["message_id", "task", "host", "stream"] as const;
 
 const LEVEL_PREFIX: Record<string, string> = {
   trace: "DEBUG ",
@@ -2378,12 +2947,28 @@ export function escapeControls(text: string): string {
 
 /** Formats a record as one line: secrets masked, control characters made visible. */
 export function formatRecord(record: LogRecord, secrets: Secrets): string {
+  return `${LEVEL_PREFIX[record.level] ?? ""}${messageOf(record, secrets)}`;
+}
+
+/** LOG_FORMAT=json: one JSON object a line, for log shippers. */
+export function formatJson(record: LogRecord, secrets: Secrets): string {
+  const line: Record<string, unknown> = {
+    time: new Date(record.timestamp).toISOString(),
+    level: record.level === "warning" ? "warn" : record.level,
+    message: messageOf(record, secrets),
+  };
+  for (const field of LOG_FIELDS) {
+    const value = record.properties[field];
+    if (typeof value === "string") line[field] = escapeControls(value);
+  }
+  return JSON.stringify(line);
+}
+
+function messageOf(record: LogRecord, secrets: Secrets): string {
   const text = record.message.map((part) =>
     typeof part === "string" ? part : JSON.stringify(part)
   ).join("");
-  return `${LEVEL_PREFIX[record.level] ?? ""}${
-    escapeControls(secrets.mask(text))
-  }`;
+  return escapeControls(secrets.mask(text));
 }
 
 /**
@@ -2452,10 +3037,12 @@ export async function setupLogging(
   write: (line: string) => void,
   level: LogLevelName,
   secrets: Secrets,
+  format: LogFormat = "text",
 ): Promise<Log> {
+  const formatter = format === "json" ? formatJson : formatRecord;
   await configure({
     reset: true,
-    sinks: { lines: (record) => write(formatRecord(record, secrets)) },
+    sinks: { lines: (record) => write(formatter(record, secrets)) },
     loggers: [
       { category: ["tasks"], lowestLevel: level, sinks: ["lines"] },
       {
@@ -2466,12 +3053,14 @@ export async function setupLogging(
     ],
   });
   const logger = getLogger(["tasks"]);
+  const about = (fields?: LogFields) =>
+    fields === undefined ? logger : logger.with({ ...fields });
   // Tagged templates keep braces in command output from being read as placeholders.
   return {
-    debug: (text) => logger.debug`${text}`,
-    info: (text) => logger.info`${text}`,
-    warn: (text) => logger.warn`${text}`,
-    error: (text) => logger.error`${text}`,
+    debug: (text, fields) => about(fields).debug`${text}`,
+    info: (text, fields) => about(fields).info`${text}`,
+    warn: (text, fields) => about(fields).warn`${text}`,
+    error: (text, fields) => about(fields).error`${text}`,
   };
 }
 
@@ -2548,6 +3137,7 @@ class Tail {
 
 type HostKeyPolicy = "yes" | "accept-new";
 type LogLevelName = "debug" | "info" | "warning" | "error";
+type LogFormat = "text" | "json";
 
 interface QueueConfig {
   /** scheme://host:port of the IronMQ API, no trailing slash. */
@@ -2558,7 +3148,7 @@ interface QueueConfig {
 }
 
 interface SshConfig {
-  host: string;
+  /** SSH_PORT and SSH_USER: for hosts written without them. */
   port: number;
   user: string;
   /** Private key file; undefined means ssh-agent (agentSocket) only. */
@@ -2569,13 +3159,19 @@ interface SshConfig {
   strictHostKeyChecking: HostKeyPolicy;
   connectTimeoutMs: number;
   channelsPerConnection: number;
+  /** A connection unused this long is closed (SSH_IDLE_TIMEOUT). */
+  idleTimeoutMs: number;
   /** The key file's bytes, once the configuration has read and checked them. */
   privateKey?: Uint8Array;
 }
 
 export interface TaskConfig {
   command: string;
+  /** Where TASK_COMMAND, the default task and tasks without hosts: run (SSH_HOST). */
+  hosts: HostSpec[];
   concurrency: number;
+  /** How many of a message's hosts run at once (TASK_HOST_PARALLELISM). */
+  hostParallelism: number;
   /** 0 means no limit. */
   timeoutMs: number;
   maxAttempts: number;
@@ -2597,6 +3193,8 @@ export interface Config {
   ssh: SshConfig;
   task: TaskConfig;
   logLevel: LogLevelName;
+  /** LOG_FORMAT: Fabric-style text lines for svlogd, or JSON objects. */
+  logFormat: LogFormat;
   /** Parameters a catalog declares and never uses, to say at start. */
   warnings: string[];
   /** TASK_HTTP_PORT: the monitor's listener (web.ts); off when unset. */
@@ -2851,10 +3449,10 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   const defaultKey = DEFAULT_KEY_FILES
     .map((name) => `${context.home}/.ssh/${name}`)
     .find(context.exists);
+  const { hosts, defaults: hostDefaults } = hostSettings(read, context);
   const ssh: SshConfig = {
-    host: read.text("SSH_HOST", "127.0.0.1"),
-    port: read.integer("SSH_PORT", 22, 1, 65535),
-    user: read.text("SSH_USER", context.user),
+    port: hostDefaults.port,
+    user: hostDefaults.user,
     keyFile: keyFile ?? (agentSocket === undefined ? defaultKey : undefined),
     agentSocket,
     passphrase: read.optional("SSH_KEY_PASSPHRASE"),
@@ -2874,6 +3472,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
       1,
       8,
     ),
+    idleTimeoutMs: read.seconds("SSH_IDLE_TIMEOUT", 300, 1, 86400) * 1000,
   };
   if (ssh.keyFile !== undefined && context.readKey !== undefined) {
     let problem: string | undefined;
@@ -2910,7 +3509,9 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   );
   const task: TaskConfig = {
     command: read.text("TASK_COMMAND", "cat /etc/os-release"),
+    hosts,
     concurrency: read.integer("TASK_CONCURRENCY", 8, 1, 256),
+    hostParallelism: read.integer("TASK_HOST_PARALLELISM", 32, 1, 1024),
     timeoutMs: read.seconds("TASK_TIMEOUT", 0, 0, 86400) * 1000,
     maxAttempts: read.integer("TASK_MAX_ATTEMPTS", 5, 1, 1000),
     retryDelaySeconds: read.integer("TASK_RETRY_DELAY", 10, 0, 900),
@@ -2936,7 +3537,11 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   }
   const http = httpSettings(read);
   const warnings: string[] = [];
-  const loaded = loadCatalog(context.catalogFile, task, problems);
+  const loaded = loadCatalog(
+    context.catalogFile,
+    { ...task, host: hostDefaults },
+    problems,
+  );
   task.catalog = loaded?.catalog;
   warnings.push(...loaded?.warnings ?? []);
   if (task.deadLetterQueue === queueName) {
@@ -2944,6 +3549,10 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
       "TASK_DEAD_LETTER_QUEUE: must differ from IRON_MQ_QUEUE_NAME",
     );
   }
+  const logFormat = read.choice<LogFormat>("LOG_FORMAT", "text", [
+    "text",
+    "json",
+  ]);
   const logLevel = read.choice<LogLevelName>("LOG_LEVEL", "info", [
     "debug",
     "info",
@@ -2958,6 +3567,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     ssh,
     task,
     logLevel,
+    logFormat,
     warnings,
     http,
   };
@@ -2994,7 +3604,12 @@ function httpSettings(read: EnvReader): Config["http"] {
  */
 export function senderConfig(
   env: Env,
-): { queue: QueueConfig; catalog?: Catalog; deadLetterQueue: string } {
+): {
+  queue: QueueConfig;
+  catalog?: Catalog;
+  hosts: HostSpec[];
+  deadLetterQueue: string;
+} {
   const context = configContext(env);
   const read = new EnvReader(env);
   const { queue, embedded } = queueSettings(read, env, context);
@@ -3003,9 +3618,11 @@ export function senderConfig(
       embedded.port ?? 8080
     }`;
   }
+  const { hosts, defaults: host } = hostSettings(read, context);
   const defaults = {
     timeoutMs: read.seconds("TASK_TIMEOUT", 0, 0, 86400) * 1000,
     maxAttempts: read.integer("TASK_MAX_ATTEMPTS", 5, 1, 1000),
+    host,
   };
   const deadLetterQueue = read.text(
     "TASK_DEAD_LETTER_QUEUE",
@@ -3014,13 +3631,36 @@ export function senderConfig(
   const catalog = loadCatalog(context.catalogFile, defaults, read.problems)
     ?.catalog;
   if (read.problems.length > 0) throw new ConfigError(read.problems);
-  return { queue, catalog, deadLetterQueue };
+  return { queue, catalog, hosts, deadLetterQueue };
+}
+
+/** SSH_HOST's list, and what hosts written without user, port or jump get. */
+function hostSettings(
+  read: EnvReader,
+  context: ConfigContext,
+): { hosts: HostSpec[]; defaults: HostDefaults } {
+  const bare = {
+    port: read.integer("SSH_PORT", 22, 1, 65535),
+    user: read.text("SSH_USER", context.user),
+  };
+  const jumpText = read.optional("SSH_PROXY_JUMP");
+  const { jump, problems: jumpProblems } = jumpText === undefined
+    ? { jump: [], problems: [] }
+    : parseJump(jumpText, bare);
+  for (const p of jumpProblems) read.problems.push(`SSH_PROXY_JUMP=${p}`);
+  const defaults = { ...bare, jump };
+  const { hosts, problems } = parseHostList(
+    read.text("SSH_HOST", "127.0.0.1"),
+    defaults,
+  );
+  for (const p of problems) read.problems.push(`SSH_HOST: ${p}`);
+  return { hosts, defaults };
 }
 
 /** The catalog file parsed, its problems added to `problems`; none without a file. */
 function loadCatalog(
   file: ConfigContext["catalogFile"],
-  defaults: { timeoutMs: number; maxAttempts: number },
+  defaults: CatalogDefaults,
   problems: string[],
 ): { catalog: Catalog; warnings: string[] } | undefined {
   if (file?.text === undefined) {
@@ -3148,7 +3788,11 @@ export function permissionFlags(
       `${url.hostname}:${url.port || (url.protocol === "https:" ? 443 : 80)}`,
     );
   }
-  net.add(`${bracketIPv6(config.ssh.host)}:${config.ssh.port}`);
+  // Hosts behind a jump host are reached through it, not by the worker.
+  for (const host of servedHosts(config.task)) {
+    const first = host.jump[0] ?? host;
+    net.add(`${bracketIPv6(first.host)}:${first.port}`);
+  }
   if (config.http) {
     const host = bracketIPv6(config.http.hostname);
     net.add(config.http.port === 0 ? host : `${host}:${config.http.port}`);
@@ -3320,11 +3964,19 @@ export class IronMqClient {
     return reply.reservation_id;
   }
 
-  async post(queue: string, bodies: string[]): Promise<string[]> {
+  async post(
+    queue: string,
+    bodies: string[],
+    delaySeconds = 0,
+  ): Promise<string[]> {
     const reply = await this.call<{ ids?: unknown }>(
       "POST",
       `/queues/${encodeURIComponent(queue)}/messages`,
-      { messages: bodies.map((body) => ({ body })) },
+      {
+        messages: bodies.map((body) =>
+          delaySeconds > 0 ? { body, delay: delaySeconds } : { body }
+        ),
+      },
     );
     return Array.isArray(reply.ids) ? reply.ids.map(String) : [];
   }
@@ -3960,9 +4612,11 @@ export interface RunIo {
 
 /** What the worker needs from SSH; tests may supply their own. */
 export interface CommandRunner {
-  /** Resolves once commands can run (connects, backing off); rejects when `signal` aborts. */
+  /** Resolves once some host can be reached (backing off while none can); rejects when `signal` aborts. */
   ready(signal: AbortSignal): Promise<void>;
-  run(command: string, io: RunIo): Promise<RunResult>;
+  /** Whether some host may be reached (not all of them failed their last connection attempt). */
+  reachable(): boolean;
+  run(host: HostSpec, command: string, io: RunIo): Promise<RunResult>;
   close(): void;
 }
 
@@ -4016,41 +4670,56 @@ interface Connection {
   client: Client;
   active: number;
   closed: boolean;
+  /** Closes the connection once it has been unused for SSH_IDLE_TIMEOUT. */
+  idleTimer?: ReturnType<typeof setTimeout>;
 }
 
-export class SshPool implements CommandRunner {
-  private readonly connections: Connection[] = [];
-  private readonly maxConnections: number;
-  private connecting?: Promise<Connection>;
+/**
+ * Every host's connections: a pool for each host, opened when a command
+ * first needs it, and one connection to each jump host, carrying the
+ * connections to the hosts behind it. A host that cannot be reached fails
+ * its own commands; only when none of the hosts can be reached does `ready`
+ * hold the worker back.
+ */
+export class SshHosts implements CommandRunner {
+  private readonly pools = new Map<string, HostPool>();
+  /** The hosts whose last connection attempt failed (by hostKey), and why. */
+  private readonly down = new Map<string, string>();
+  /** The hosts whose last connection attempt worked. */
+  private readonly up = new Set<string>();
   private reconnecting?: Promise<void>;
-  private readonly slotWaiters: (() => void)[] = [];
-  /** After another connection failed to open, carry on with those open until then. */
-  private noMoreUntil = 0;
   private readonly outage: OutageLog;
   private closed = false;
 
   constructor(
     private readonly ssh: SshConfig,
     private readonly credentials: SshCredentials,
-    concurrency: number,
+    /** Every host this worker may run commands on. */
+    private readonly hosts: HostSpec[],
+    private readonly concurrency: number,
     private readonly log: Log,
   ) {
-    this.maxConnections = Math.ceil(concurrency / ssh.channelsPerConnection);
     this.outage = new OutageLog(
-      `ssh ${this.where}: cannot connect`,
+      hosts.length === 1
+        ? `ssh ${hostKey(hosts[0])}: cannot connect`
+        : `ssh: none of the ${hosts.length} hosts can be reached`,
       log,
       "error",
     );
   }
 
-  private get where(): string {
-    return `${this.ssh.user}@${this.ssh.host}:${this.ssh.port}`;
+  reachable(): boolean {
+    return this.hosts.some((h) => !this.down.has(hostKey(h)));
   }
 
-  /** Resolves once connected, trying with backoff until `signal` aborts. */
+  /**
+   * Resolves once a host has been reached: at once when one was at its last
+   * try; else it tries the first host, then all the others at once, with
+   * backoff, until one connects (at start, one connection, not one a host).
+   */
   ready(signal: AbortSignal): Promise<void> {
-    if (this.connections.some((c) => !c.closed)) return Promise.resolve();
-    this.reconnecting ??= retry(() => this.connect(), {
+    if (this.up.size > 0) return Promise.resolve();
+    this.reconnecting ??= retry(() => this.probe(), {
       minDelayMs: 500,
       maxDelayMs: 30_000,
       maxAttempts: Infinity,
@@ -4061,6 +4730,98 @@ export class SshPool implements CommandRunner {
       this.reconnecting = undefined;
     });
     return this.reconnecting;
+  }
+
+  run(host: HostSpec, command: string, io: RunIo): Promise<RunResult> {
+    return this.pool(host, false).run(command, io);
+  }
+
+  close(): void {
+    this.closed = true;
+    for (const pool of this.pools.values()) pool.close();
+    this.pools.clear();
+  }
+
+  /** The pool for a host (`jump`: its role as a jump host, one connection for all). */
+  pool(host: HostSpec, jump: boolean): HostPool {
+    const key = `${jump ? "jump " : ""}${hostKey(host)}`;
+    let pool = this.pools.get(key);
+    if (pool === undefined) {
+      if (this.closed) throw new Error("SSH is closed: stopping");
+      pool = new HostPool(host, this, {
+        ssh: this.ssh,
+        credentials: this.credentials,
+        log: this.log,
+        maxConnections: jump
+          ? 1
+          : Math.ceil(this.concurrency / this.ssh.channelsPerConnection),
+        channelsPerConnection: jump ? Infinity : this.ssh.channelsPerConnection,
+      });
+      this.pools.set(key, pool);
+    }
+    return pool;
+  }
+
+  /** Told by a pool whether its last connection attempt worked. */
+  connected(host: HostSpec, error?: string): void {
+    const key = hostKey(host);
+    if (error === undefined) {
+      this.down.delete(key);
+      this.up.add(key);
+    } else {
+      this.down.set(key, error);
+      this.up.delete(key);
+    }
+  }
+
+  /** The first host, else one connection attempt to each other host at once. */
+  private async probe(): Promise<void> {
+    const [first, ...others] = this.hosts;
+    try {
+      return await this.pool(first, false).probe();
+    } catch (e) {
+      if (others.length === 0) throw e;
+    }
+    try {
+      await Promise.any(others.map((h) => this.pool(h, false).probe()));
+    } catch (e) {
+      const errors = e instanceof AggregateError ? e.errors : [e];
+      throw new Error(
+        this.hosts.length === 1
+          ? errorText(errors[0])
+          : [...new Set(errors.map(errorText))].slice(0, 3).join("; "),
+      );
+    }
+  }
+}
+
+/** What every pool shares. */
+interface PoolSettings {
+  ssh: SshConfig;
+  credentials: SshCredentials;
+  log: Log;
+  maxConnections: number;
+  /** Exec channels (or forwarded connections, for a jump host) on one connection at once. */
+  channelsPerConnection: number;
+}
+
+/** One host's connections, several channels on each. */
+class HostPool {
+  private readonly connections: Connection[] = [];
+  private connecting?: Promise<Connection>;
+  private readonly slotWaiters: (() => void)[] = [];
+  /** After another connection failed to open, carry on with those open until then. */
+  private noMoreUntil = 0;
+  private closed = false;
+  /** user@host:port, through its jump hosts: for log lines and errors. */
+  private readonly where: string;
+
+  constructor(
+    private readonly host: HostSpec,
+    private readonly hosts: SshHosts,
+    private readonly settings: PoolSettings,
+  ) {
+    this.where = hostKey(host);
   }
 
   async run(command: string, io: RunIo): Promise<RunResult> {
@@ -4074,14 +4835,21 @@ export class SshPool implements CommandRunner {
     try {
       return await this.exec(connection, command, io);
     } finally {
-      connection.active--;
-      this.slotWaiters.shift()?.();
+      this.release(connection);
     }
+  }
+
+  /** Connects (once) unless a connection is open; for `ready` while every host is down. */
+  async probe(): Promise<void> {
+    if (!this.connections.some((c) => !c.closed)) await this.connect();
   }
 
   close(): void {
     this.closed = true;
-    for (const c of this.connections) c.client.end();
+    for (const c of this.connections) {
+      clearTimeout(c.idleTimer);
+      c.client.end();
+    }
     this.connections.length = 0;
     for (const wake of this.slotWaiters.splice(0)) wake();
   }
@@ -4092,31 +4860,31 @@ export class SshPool implements CommandRunner {
    * taken synchronously, so callers running at once never crowd one
    * connection past its channel limit.
    */
-  private async acquire(): Promise<Connection> {
+  acquire = async (): Promise<Connection> => {
+    const { channelsPerConnection, maxConnections, log } = this.settings;
     for (;;) {
-      if (this.closed) throw new Error("SSH pool is closed");
+      if (this.closed) throw new Error("SSH is closed: stopping");
       const open = this.connections.filter((c) => !c.closed);
       const free = open
-        .filter((c) => c.active < this.ssh.channelsPerConnection)
+        .filter((c) => c.active < channelsPerConnection)
         .sort((a, b) => a.active - b.active)[0];
       if (free !== undefined) {
         free.active++;
+        clearTimeout(free.idleTimer);
         return free;
       }
       if (open.length === 0) {
-        // One try, not a wait: a message is released (not counted as an
-        // attempt) rather than held through an outage that ready() waits out.
+        // One try, not a wait: the host's command fails now (the message is
+        // retried later), rather than holding its other hosts back.
         await this.connect();
         continue;
       }
-      if (
-        open.length < this.maxConnections && Date.now() >= this.noMoreUntil
-      ) {
+      if (open.length < maxConnections && Date.now() >= this.noMoreUntil) {
         try {
           await this.connect();
         } catch (e) {
           this.noMoreUntil = Date.now() + 30_000;
-          this.log.warn(
+          log.warn(
             `ssh ${this.where}: cannot open another connection (${
               errorText(e)
             }); carrying on with ${open.length} for 30 s`,
@@ -4126,23 +4894,109 @@ export class SshPool implements CommandRunner {
       }
       await new Promise<void>((wake) => this.slotWaiters.push(wake));
     }
-  }
+  };
+
+  /** Gives a slot back; a connection left unused closes after SSH_IDLE_TIMEOUT. */
+  release = (connection: Connection): void => {
+    connection.active--;
+    this.slotWaiters.shift()?.();
+    if (connection.active > 0 || connection.closed) return;
+    const { idleTimeoutMs } = this.settings.ssh;
+    connection.idleTimer = setTimeout(() => {
+      if (connection.active > 0 || connection.closed) return;
+      this.settings.log.debug(
+        `ssh ${this.where}: closing a connection unused for ${
+          idleTimeoutMs / 1000
+        } s (SSH_IDLE_TIMEOUT)`,
+      );
+      connection.client.end();
+    }, idleTimeoutMs);
+  };
 
   private connect(): Promise<Connection> {
-    this.connecting ??= this.openConnection().finally(() => {
+    this.connecting ??= this.openConnection().then(
+      (c) => {
+        this.hosts.connected(this.host);
+        return c;
+      },
+      (e) => {
+        this.hosts.connected(this.host, errorText(e));
+        throw e;
+      },
+    ).finally(() => {
       this.connecting = undefined;
     });
     return this.connecting;
   }
 
-  private openConnection(): Promise<Connection> {
-    if (this.closed) return Promise.reject(new Error("SSH pool is closed"));
-    const { host, port, user } = this.ssh;
+  /** A new connection: directly, or through a channel of its last jump host's connection. */
+  private async openConnection(): Promise<Connection> {
+    if (this.closed) throw new Error("SSH is closed: stopping");
+    const { jump } = this.host;
+    if (jump.length === 0) return await this.handshake(undefined);
+    const last = jump[jump.length - 1];
+    const via = this.hosts.pool({ ...last, jump: jump.slice(0, -1) }, true);
+    const carrier = await via.acquire();
+    let stream: ClientChannel;
+    try {
+      stream = await this.forward(carrier, via.where);
+    } catch (e) {
+      via.release(carrier);
+      throw e;
+    }
+    try {
+      const connection = await this.handshake(stream);
+      connection.client.once("close", () => via.release(carrier));
+      return connection;
+    } catch (e) {
+      via.release(carrier);
+      throw e;
+    }
+  }
+
+  /** A TCP channel from the jump host to this host (the jump host's sshd opens it). */
+  private forward(
+    carrier: Connection,
+    jumpWhere: string,
+  ): Promise<ClientChannel> {
+    const { host, port } = this.host;
+    const limitMs = this.settings.ssh.connectTimeoutMs;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(
+        () =>
+          reject(
+            new Error(
+              `jump host ${jumpWhere} did not reach ${host}:${port} within ${
+                limitMs / 1000
+              } s`,
+            ),
+          ),
+        limitMs,
+      );
+      try {
+        carrier.client.forwardOut("127.0.0.1", 0, host, port, (err, ch) => {
+          clearTimeout(timer);
+          if (err) {
+            reject(
+              new Error(
+                `jump host ${jumpWhere} cannot reach ${host}:${port} (${err.message}; does its sshd allow TCP forwarding?)`,
+              ),
+            );
+          } else resolve(ch);
+        });
+      } catch (e) {
+        clearTimeout(timer);
+        reject(new Error(`jump host ${jumpWhere}: ${errorText(e)}`));
+      }
+    });
+  }
+
+  private handshake(sock: ClientChannel | undefined): Promise<Connection> {
+    const { ssh, credentials, log } = this.settings;
+    const { host, port, user } = this.host;
     let entries: KnownHost[];
     try {
-      entries = parseKnownHosts(
-        readTextIfExists(this.ssh.knownHostsFile) ?? "",
-      );
+      entries = parseKnownHosts(readTextIfExists(ssh.knownHostsFile) ?? "");
     } catch (e) {
       return Promise.reject(new Error(errorText(e)));
     }
@@ -4151,13 +5005,11 @@ export class SshPool implements CommandRunner {
     const verify = (key: Buffer): boolean => {
       const verdict = checkHostKey(entries, host, port, key);
       if (verdict === "match") return true;
-      if (
-        verdict === "unknown" && this.ssh.strictHostKeyChecking === "accept-new"
-      ) {
+      if (verdict === "unknown" && ssh.strictHostKeyChecking === "accept-new") {
         this.rememberHostKey(key);
         return true;
       }
-      hostKeyFailure = hostKeyMessage(verdict, this.ssh, key);
+      hostKeyFailure = hostKeyMessage(verdict, this.host, ssh, key);
       return false;
     };
     return new Promise((resolve, reject) => {
@@ -4168,18 +5020,17 @@ export class SshPool implements CommandRunner {
         settled = true;
         client.setNoDelay(true); // Nagle + delayed ACK costs ~40 ms per exec.
         this.connections.push(connection);
-        this.log.info(`ssh ${this.where}: connected`);
+        log.info(`ssh ${this.where}: connected`);
         resolve(connection);
       });
       client.on("error", (e: Error) => {
         if (settled) return;
         settled = true;
-        reject(
-          new Error(hostKeyFailure ?? describeSshError(e)),
-        );
+        reject(new Error(hostKeyFailure ?? describeSshError(e)));
       });
       client.on("close", () => {
         connection.closed = true;
+        clearTimeout(connection.idleTimer);
         const i = this.connections.indexOf(connection);
         if (i >= 0) this.connections.splice(i, 1);
         for (const wake of this.slotWaiters.splice(0)) wake();
@@ -4195,14 +5046,15 @@ export class SshPool implements CommandRunner {
       client.connect({
         host,
         port,
+        sock,
         username: user,
-        privateKey: this.credentials.privateKey
-          ? Buffer.from(this.credentials.privateKey)
+        privateKey: credentials.privateKey
+          ? Buffer.from(credentials.privateKey)
           : undefined,
-        passphrase: this.credentials.passphrase,
-        agent: this.credentials.agent,
+        passphrase: credentials.passphrase,
+        agent: credentials.agent,
         hostVerifier: verify,
-        readyTimeout: this.ssh.connectTimeoutMs,
+        readyTimeout: ssh.connectTimeoutMs,
         // A connection that silently stops forwarding is dropped after
         // three unanswered keepalives: within about 15 s.
         keepaliveInterval: 5_000,
@@ -4221,23 +5073,24 @@ export class SshPool implements CommandRunner {
   }
 
   private rememberHostKey(key: Buffer): void {
-    const line = `${knownHostsName(this.ssh.host, this.ssh.port)} ${
+    const { ssh, log } = this.settings;
+    const line = `${knownHostsName(this.host.host, this.host.port)} ${
       keyTypeOfBlob(key)
     } ${key.toString("base64")}\n`;
     try {
-      Deno.writeTextFileSync(this.ssh.knownHostsFile, line, {
+      Deno.writeTextFileSync(ssh.knownHostsFile, line, {
         append: true,
         create: true,
         mode: 0o600,
       });
-      this.log.warn(
+      log.warn(
         `ssh ${this.where}: new host key ${keyTypeOfBlob(key)} ${
           fingerprint(key)
-        } added to ${this.ssh.knownHostsFile} (SSH_STRICT_HOST_KEY_CHECKING=accept-new)`,
+        } added to ${ssh.knownHostsFile} (SSH_STRICT_HOST_KEY_CHECKING=accept-new)`,
       );
     } catch (e) {
-      this.log.error(
-        `ssh ${this.where}: accepted a new host key but cannot record it in ${this.ssh.knownHostsFile}: ${
+      log.error(
+        `ssh ${this.where}: accepted a new host key but cannot record it in ${ssh.knownHostsFile}: ${
           errorText(e)
         }`,
       );
@@ -4273,7 +5126,7 @@ export class SshPool implements CommandRunner {
           sendSignal(ch, "KILL");
           ch.close();
           killTimer = setTimeout(() => {
-            this.log.warn(
+            this.settings.log.warn(
               `${this.where}: the stopped command did not end; it may still be running there`,
             );
             finish({ kind: why });
@@ -4358,11 +5211,12 @@ function sendSignal(channel: ClientChannel, name: string): void {
 
 function hostKeyMessage(
   verdict: HostKeyVerdict,
+  host: HostSpec,
   ssh: SshConfig,
   key: Buffer,
 ): string {
   const shown = `${keyTypeOfBlob(key)} ${fingerprint(key)}`;
-  const name = knownHostsName(ssh.host, ssh.port);
+  const name = knownHostsName(host.host, host.port);
   if (verdict === "mismatch") {
     return `HOST KEY MISMATCH for ${name}: the server shows ${shown}, which differs from ${ssh.knownHostsFile}; someone may be intercepting the connection, or the host was reinstalled. Nothing will run until the entry is fixed (ssh-keygen -R '${name}' -f ${ssh.knownHostsFile})`;
   }
@@ -4371,7 +5225,7 @@ function hostKeyMessage(
   }
   return `host key of ${name} is unknown (${shown}, not in ${ssh.knownHostsFile}): on that host, check that \`ssh-keygen -lf /etc/ssh/ssh_host_${
     keyTypeOfBlob(key).replace(/^ssh-/, "").replace(/-.*$/, "")
-  }_key.pub\` shows the same fingerprint, then add it (ssh-keyscan -p ${ssh.port} ${ssh.host} >> ${ssh.knownHostsFile}), or set SSH_STRICT_HOST_KEY_CHECKING=accept-new`;
+  }_key.pub\` shows the same fingerprint, then add it (ssh-keyscan -p ${host.port} ${host.host} >> ${ssh.knownHostsFile}), or set SSH_STRICT_HOST_KEY_CHECKING=accept-new`;
 }
 
 /** The fingerprint `ssh-keygen -l` prints: SHA256 of the key blob, unpadded base64. */

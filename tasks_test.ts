@@ -13,6 +13,8 @@ import {
   fingerprint,
   formatRecord,
   hostFieldMatches,
+  hostKey,
+  type HostSpec,
   IronMqClient,
   keyTypeOfBlob,
   knownKeyAlgorithms,
@@ -21,6 +23,7 @@ import {
   type Log,
   parseCatalog,
   parseConfig,
+  parseHost,
   parseKnownHosts,
   permissionFlags,
   planCommand,
@@ -32,8 +35,9 @@ import {
   type RunIo,
   type RunResult,
   Secrets,
+  setupLogging,
   shellQuote,
-  SshPool,
+  SshHosts,
   type TaskConfig,
   Worker,
   type WorkerDeps,
@@ -98,7 +102,7 @@ Deno.test("config: no IronMQ settings means the embedded server and defaults", (
   assert.equal(config.queue.queueName, "my_queue");
   assert.equal(config.queue.projectId, "local");
   assert.equal(config.queue.token, undefined);
-  assert.equal(config.ssh.host, "127.0.0.1");
+  assert.deepEqual(config.task.hosts.map(hostKey), ["op@127.0.0.1:22"]);
   assert.equal(config.ssh.port, 22);
   assert.equal(config.ssh.user, "op");
   assert.equal(config.ssh.keyFile, "/home/op/.ssh/id_ed25519");
@@ -446,6 +450,47 @@ Deno.test("log format: plain for info, marked for problems, secrets masked", () 
   );
 });
 
+Deno.test("log format: LOG_FORMAT=json writes one object a line with message id, task, host and stream, secrets masked", async () => {
+  const lines: string[] = [];
+  const log = await setupLogging(
+    (line) => lines.push(line),
+    "info",
+    new Secrets(["s3cr3t-tok"]),
+    "json",
+  );
+  log.info("[web1] out: token s3cr3t-tok {x}\u2028forged", {
+    message_id: "12",
+    task: "deploy",
+    host: "web1",
+    stream: "stdout",
+  });
+  log.warn("message 12: released");
+  log.debug("not at info");
+  assert.equal(lines.length, 2);
+  assert.ok(lines.every((l) => !l.includes("\n") && !l.includes("\u2028")));
+  const [out, warn] = lines.map((l) => JSON.parse(l));
+  assert.match(out.time, /^\d{4}-\d\d-\d\dT/);
+  assert.deepEqual({ ...out, time: undefined }, {
+    time: undefined,
+    level: "info",
+    message: "[web1] out: token [redacted] {x}\\u2028forged",
+    message_id: "12",
+    task: "deploy",
+    host: "web1",
+    stream: "stdout",
+  });
+  assert.deepEqual({ ...warn, time: undefined }, {
+    time: undefined,
+    level: "warn",
+    message: "message 12: released",
+  });
+  assert.throws(
+    () => parseConfig({ LOG_FORMAT: "xml", SSH_KEY_FILE: "/k" }, context()),
+    /LOG_FORMAT="xml": must be one of text, json/,
+  );
+  await setupLogging(() => {}, "info", new Secrets([]));
+});
+
 // ---------------------------------------------------------------------------
 // The SSH runner against a real sshd on loopback
 // ---------------------------------------------------------------------------
@@ -460,25 +505,50 @@ function sshConfigFor(sshd: Sshd, env: Env = {}): Config {
   );
 }
 
+/**
+ * The SSH runner for one test sshd (SSH_HOST is its address): whatever host
+ * a test worker names (203.0.113.9 in its results), commands run there.
+ */
+class TestPool implements CommandRunner {
+  readonly host: HostSpec;
+  private readonly hosts: SshHosts;
+  constructor(config: Config, concurrency: number, log: Log) {
+    this.host = config.task.hosts[0];
+    this.hosts = new SshHosts(
+      config.ssh,
+      loadSshCredentials(config.ssh),
+      config.task.hosts,
+      concurrency,
+      log,
+    );
+  }
+  ready(signal: AbortSignal): Promise<void> {
+    return this.hosts.ready(signal);
+  }
+  reachable(): boolean {
+    return this.hosts.reachable();
+  }
+  run(_: HostSpec, command: string, io: RunIo): Promise<RunResult> {
+    return this.hosts.run(this.host, command, io);
+  }
+  close(): void {
+    this.hosts.close();
+  }
+}
+
 function poolFor(sshd: Sshd, log: Log, env: Env = {}, concurrency = 4) {
-  const config = sshConfigFor(sshd, env);
-  return new SshPool(
-    config.ssh,
-    loadSshCredentials(config.ssh),
-    concurrency,
-    log,
-  );
+  return new TestPool(sshConfigFor(sshd, env), concurrency, log);
 }
 
 /** Runs a command and collects its output. */
 async function runCollect(
-  pool: SshPool,
+  pool: TestPool,
   command: string,
   options: { timeoutMs?: number; signal?: AbortSignal } = {},
 ) {
   const stdout: Uint8Array[] = [];
   let stderr = "";
-  const result = await pool.run(command, {
+  const result = await pool.run(pool.host, command, {
     onStdout: (c) => stdout.push(c.slice()),
     onStderr: (c) => stderr += new TextDecoder().decode(c),
     timeoutMs: options.timeoutMs ?? 0,
@@ -731,12 +801,7 @@ Deno.test({
   fn: () =>
     withSshd(async (sshd) => {
       const log = memoryLog();
-      const refused = new SshPool(
-        { ...sshConfigFor(sshd).ssh, port: freePort() },
-        loadSshCredentials(sshConfigFor(sshd).ssh),
-        1,
-        log,
-      );
+      const refused = poolFor(sshd, log, { SSH_PORT: String(freePort()) }, 1);
       await assert.rejects(refused.ready(AbortSignal.timeout(500)));
       refused.close();
       assert.match(
@@ -781,11 +846,18 @@ type Script = (
 /** A CommandRunner that records commands and answers from a script. */
 class FakeRunner implements CommandRunner {
   readonly commands: string[] = [];
-  constructor(private readonly script: Script) {}
+  constructor(
+    private readonly script: Script,
+    /** Whether some host can be reached (false: the worker's only host is down). */
+    private readonly anyReachable = true,
+  ) {}
   ready(): Promise<void> {
     return Promise.resolve();
   }
-  run(command: string, io: RunIo): Promise<RunResult> {
+  reachable(): boolean {
+    return this.anyReachable;
+  }
+  run(_: HostSpec, command: string, io: RunIo): Promise<RunResult> {
     this.commands.push(command);
     return this.script(command, io);
   }
@@ -821,10 +893,21 @@ async function untilDeadLettered(h: Harness): Promise<void> {
   await until("source empty", async () => (await h.info()).size === 0);
 }
 
+const HOST_DEFAULTS = { user: "op", port: 22, jump: [] };
+
+/** A host as SSH_HOST names it, with the usual user and port. */
+function hostNamed(name: string): HostSpec {
+  const host = parseHost(name, HOST_DEFAULTS);
+  if (typeof host === "string") throw new Error(host);
+  return host;
+}
+
 function taskConfig(overrides: Partial<TaskConfig> = {}): TaskConfig {
   return {
     command: "run-it",
+    hosts: [hostNamed("203.0.113.9")],
     concurrency: 4,
+    hostParallelism: 32,
     timeoutMs: 0,
     maxAttempts: 3,
     retryDelaySeconds: 0,
@@ -846,7 +929,6 @@ function startWorker(
   const worker = new Worker(
     taskConfig(task),
     { queue: h.client, runner, log: h.log, clock: realClock, ...deps },
-    "203.0.113.9",
     "jobs",
   );
   const controller = new AbortController();
@@ -937,10 +1019,11 @@ Deno.test("worker: a body whose args are invalid runs nothing and goes to the de
   }
 });
 
-Deno.test("worker: SSH failures release the message and never dead-letter it", async () => {
+Deno.test("worker: SSH failures while no host can be reached release the message and never dead-letter it", async () => {
   const h = await harness();
-  const runner = new FakeRunner(() =>
-    Promise.resolve({ kind: "ssh-error", error: "connection refused" })
+  const runner = new FakeRunner(
+    () => Promise.resolve({ kind: "ssh-error", error: "connection refused" }),
+    false,
   );
   const w = startWorker(h, runner, { maxAttempts: 1 });
   try {
@@ -1839,7 +1922,11 @@ default: os_release
 `;
 
 function catalog(text = CATALOG) {
-  return parseCatalog("tasks.yaml", text, { timeoutMs: 0, maxAttempts: 5 })
+  return parseCatalog("tasks.yaml", text, {
+    timeoutMs: 0,
+    maxAttempts: 5,
+    host: HOST_DEFAULTS,
+  })
     .catalog;
 }
 
@@ -1847,6 +1934,7 @@ Deno.test("catalog: a valid catalog parses, with defaults and per-task limits", 
   const { catalog: c, warnings } = parseCatalog("tasks.yaml", CATALOG, {
     timeoutMs: 7_000,
     maxAttempts: 5,
+    host: HOST_DEFAULTS,
   });
   assert.deepEqual(warnings, []);
   assert.deepEqual([...c.tasks.keys()], [
@@ -1887,7 +1975,11 @@ default: nope
 extra: 1
 `;
   const problems = configError(() => {
-    parseCatalog("cat.yaml", bad, { timeoutMs: 0, maxAttempts: 5 });
+    parseCatalog("cat.yaml", bad, {
+      timeoutMs: 0,
+      maxAttempts: 5,
+      host: HOST_DEFAULTS,
+    });
     throw new Error("accepted");
   });
   const expected = [
@@ -1914,14 +2006,19 @@ extra: 1
   }
   assert.equal(problems.length, expected.length, problems.join("\n"));
   assert.throws(
-    () => parseCatalog("x.yaml", "tasks: [", { timeoutMs: 0, maxAttempts: 1 }),
+    () =>
+      parseCatalog("x.yaml", "tasks: [", {
+        timeoutMs: 0,
+        maxAttempts: 1,
+        host: HOST_DEFAULTS,
+      }),
     (e) =>
       e instanceof ConfigError && /x\.yaml: not valid YAML/.test(e.problems[0]),
   );
   const { warnings } = parseCatalog(
     "w.yaml",
     'tasks:\n  t:\n    command: "true"\n    params:\n      unused: {required: false}\n',
-    { timeoutMs: 0, maxAttempts: 1 },
+    { timeoutMs: 0, maxAttempts: 1, host: HOST_DEFAULTS },
   );
   assert.deepEqual(warnings, [
     "w.yaml: tasks.t.params.unused: declared but never used in the command",
@@ -2010,6 +2107,7 @@ Deno.test("named tasks: message forms, eta, expires and retries", () => {
       cat === "none" ? undefined : cat,
       "cat /etc/os-release",
       now,
+      [hostNamed("203.0.113.9")],
     );
   const text = plan("hello world!");
   assert.equal(text.kind, "run");
@@ -2155,6 +2253,7 @@ Deno.test({
             stdout: "v1.2.3|true|10|0.5|[redacted]|\n",
             stderr: "",
             truncated: { stdout: false, stderr: false },
+            error: null,
           },
         );
         const bad = results.get("bad-1");
@@ -2416,7 +2515,7 @@ Deno.test("catalog: a placeholder that would not stand as one plain shell word i
       parseCatalog(
         "t.yaml",
         JSON.stringify({ tasks: { t: { command, params: { x: {} } } } }),
-        { timeoutMs: 0, maxAttempts: 1 },
+        { timeoutMs: 0, maxAttempts: 1, host: HOST_DEFAULTS },
       );
       throw new Error(`accepted: ${command}`);
     });
@@ -2437,7 +2536,7 @@ Deno.test("catalog: a placeholder that would not stand as one plain shell word i
     parseCatalog(
       "t.yaml",
       JSON.stringify({ tasks: { t: { command, params: { x: {} } } } }),
-      { timeoutMs: 0, maxAttempts: 1 },
+      { timeoutMs: 0, maxAttempts: 1, host: HOST_DEFAULTS },
     );
   }
 });

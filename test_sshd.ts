@@ -187,13 +187,15 @@ async function waitForBanner(
 export interface SshdOptions {
   /** The account commands run as; default sshUser(). */
   user?: string;
-  /** Extra sshd_config lines. */
+  /** Extra sshd_config lines, read before the defaults (sshd keeps the first value). */
   config?: string[];
   /** Reuse a directory (host key, client key) from an earlier start. */
   dir?: string;
   port?: number;
   /** Loopback addresses to listen on (at most 16); default 127.0.0.1. */
   addresses?: string[];
+  /** Where sshd writes its log (LogLevel in `config`); default nowhere. */
+  logFile?: string;
 }
 
 /** Starts sshd on 127.0.0.1 with a fresh host key and client key. */
@@ -224,7 +226,9 @@ export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
     knownHostsFile,
     addresses.map((a) => `[${a}]:${port} ${keyType} ${keyBase64}\n`).join(""),
   );
+  // sshd takes the first value it reads: the caller's lines come first.
   const config = [
+    ...(options.config ?? []),
     ...addresses.map((a) => `ListenAddress ${a}:${port}`),
     `HostKey ${hostKey}`,
     `AuthorizedKeysFile ${dir}/authorized_keys`,
@@ -237,11 +241,15 @@ export async function startSshd(options: SshdOptions = {}): Promise<Sshd> {
     "PermitRootLogin prohibit-password",
     "MaxStartups 100:30:200",
     "LogLevel ERROR",
-    ...(options.config ?? []),
   ];
   await Deno.writeTextFile(`${dir}/sshd_config`, config.join("\n") + "\n");
   const child = new Deno.Command(SSHD, {
-    args: ["-D", "-e", "-f", `${dir}/sshd_config`],
+    args: [
+      "-D",
+      ...options.logFile ? ["-E", options.logFile] : ["-e"],
+      "-f",
+      `${dir}/sshd_config`,
+    ],
     stdin: "null",
     stdout: "null",
     stderr: "null",

@@ -173,7 +173,7 @@ tasks:
       version: {}
       token: { secret: true }
 `,
-  { timeoutMs: 0, maxAttempts: 3 },
+  { timeoutMs: 0, maxAttempts: 3, host: { user: "op", port: 22, jump: [] } },
 ).catalog;
 
 /** A dead-letter record as the worker writes it (Settler.recordDeadLetter). */
