@@ -45,10 +45,10 @@ export interface HostOutcome {
 
 /** Output lines kept per running command, for a page opened mid-run. */
 const RUN_LINES_KEPT = 200;
-const RUN_CHARS_KEPT = 64 * 1024;
+const RUN_CHARS_KEPT = 16 * 1024;
 /** Per host of a kept result: the end of each stream, and at most this many hosts. */
-const RESULT_TAIL_CHARS = 2_000;
-const RESULT_HOSTS_KEPT = 50;
+const RESULT_TAIL_CHARS = 1_000;
+const RESULT_HOSTS_KEPT = 20;
 /** Distinct task label values; more (unknown task names in messages) count as "other". */
 const TASK_LABELS_KEPT = 200;
 /** Event bytes a page may fall behind by before it is dropped (it reconnects). */
@@ -501,10 +501,11 @@ export class Monitor {
       const action = /^POST \/api\/dead-letters\/([^/]+)\/(requeue|discard)$/
         .exec(route);
       if (action) {
+        // Message ids need no decoding: anything that would is refused.
         const [, id, verb] = action;
         return verb === "requeue"
-          ? await api.requeue(decodeURIComponent(id), remote)
-          : await api.discard(decodeURIComponent(id), remote);
+          ? await api.requeue(id, remote)
+          : await api.discard(id, remote);
       }
       const known = ROUTES.some((r) => r.endsWith(` ${url.pathname}`));
       return known
@@ -662,7 +663,9 @@ class EventClient {
 
   send(bytes: Uint8Array): void {
     if (this.done || this.controller === undefined) return;
-    if ((this.controller.desiredSize ?? 0) < bytes.length) {
+    // desiredSize is the backlog allowed minus the bytes waiting: at 0 the page
+    // is a full backlog behind. (One event may be larger: a big snapshot.)
+    if ((this.controller.desiredSize ?? 0) <= 0) {
       this.controller.error(new Error("the page stopped reading its events"));
       this.gone();
       return;
@@ -764,7 +767,7 @@ function refusal(
   const origin = request.headers.get("origin");
   if (
     request.method !== "GET" && request.method !== "HEAD" && origin !== null &&
-    origin !== `${url.protocol}//${host}`
+    originHost(origin) !== host.toLowerCase()
   ) {
     return text(403, "refused: this request comes from another site");
   }
@@ -785,6 +788,15 @@ function refusal(
     "this worker's listener needs its token (TASK_HTTP_TOKEN): send Authorization: Bearer <token>, or open / and enter it",
     { "WWW-Authenticate": 'Bearer realm="tasks"' },
   );
+}
+
+/** host:port of an Origin header (the scheme may differ behind a TLS proxy). */
+function originHost(origin: string): string | undefined {
+  try {
+    return new URL(origin).host;
+  } catch {
+    return undefined;
+  }
 }
 
 /** The host name of a Host header: `127.0.0.1:9100` → 127.0.0.1, `[::1]:9100` → ::1. */
