@@ -851,7 +851,15 @@ class DeadLetterApi {
         error: `cannot read the dead-letter queue: ${errorText(e)}`,
       });
     }
-    return json(200, { items: letters.map((l) => this.view(l)) });
+    // A record too large for one message names the message holding its body:
+    // that one is part of the record, not a dead letter of its own.
+    const bodies = new Set(
+      letters.map((l) => l.record?.body_message_id).filter((id) =>
+        typeof id === "string"
+      ),
+    );
+    const shown = letters.filter((l) => !bodies.has(l.id));
+    return json(200, { items: shown.map((l) => this.view(l)) });
   }
 
   async requeue(id: string, remote: string): Promise<Response> {

@@ -523,6 +523,34 @@ Deno.test({
           );
           await tab.waitFor(`!document.querySelector('${deadCard(id)}')`);
           assert.deepEqual(await queue.peek("jobs_failed"), []);
+
+          // A body too large for the record is a message of its own: one
+          // card all the same, and Run again sends that body.
+          const large = "x".repeat(200_000);
+          const [bodyId] = await queue.client.postVerbatim(
+            "jobs_failed",
+            large,
+          );
+          const [recordId] = await queue.client.post("jobs_failed", [
+            deadRecord({ body: null, body_message_id: bodyId }),
+          ]);
+          monitor.deadLettered("deploy");
+          await tab.waitFor(`document.querySelector('${deadCard(recordId)}')`);
+          assert.equal(
+            await tab.value(`document.querySelectorAll("[data-dead]").length`),
+            1,
+          );
+          assert.match(
+            await tab.value<string>(
+              `document.querySelector('${deadCard(recordId)}').innerText`,
+            ),
+            new RegExp(`kept verbatim in message ${bodyId}`),
+          );
+          await tab.click(`${deadCard(recordId)} .requeue`);
+          await tab.waitFor(`!document.querySelector('${deadCard(recordId)}')`);
+          const bodies = (await queue.peek("jobs")).map((m) => m.body);
+          assert.deepEqual(bodies, [body, large]);
+          assert.deepEqual(await queue.peek("jobs_failed"), []);
           assert.deepEqual(await tab.errors(), []);
         }),
     ),
