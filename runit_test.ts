@@ -69,8 +69,11 @@ async function withService(
       "run",
       "log/run",
       "start",
+      "check",
       "tasks.ts",
       "mq_server.ts",
+      "web.ts",
+      "page.html",
       "deno.json",
       "deno.lock",
     ]
@@ -248,6 +251,58 @@ Deno.test({
           assert.equal(await service.count(fatal), 2);
           const waited = loggedAt(started) - loggedAt(waiting);
           assert.ok(waited >= 3_000, `started again after ${waited} ms`);
+        },
+      )
+    ),
+});
+
+/** The service's ./check as runit's sv runs it: in the service directory, as root. */
+async function checkExit(dir: string): Promise<number> {
+  return (await new Deno.Command(`${dir}/check`, { cwd: dir }).output()).code;
+}
+
+Deno.test({
+  name:
+    "runit: ./check (sv check) passes once the worker runs, and with TASK_HTTP_PORT once its /readyz says ready",
+  ...runitTest,
+  fn: () =>
+    withSshd((sshd) =>
+      withService(
+        sshd,
+        { TASK_CONCURRENCY: "abc", TASKS_RESTART_PAUSE: "60" },
+        async (service) => {
+          // A bad setting: ./run waits (sleep), and the check says not up.
+          await service.line(/ run: the worker did not start: /, 1, 90_000);
+          assert.equal(await checkExit(service.dir), 1);
+
+          // sv waits on ./check (up to -w seconds) before it says ok.
+          await service.setting("TASK_CONCURRENCY", "2");
+          assert.match(
+            await run("sv", ["-w", "90", "restart", service.dir]),
+            /^ok: run: /,
+          );
+          assert.ok(
+            (await cmdline(await supervisedPid(service.dir))).some((a) =>
+              a.endsWith("/tasks.ts")
+            ),
+          );
+
+          // With the listener, ready means /readyz answers 200.
+          const port = freePort();
+          await service.setting("TASK_HTTP_PORT", String(port));
+          assert.match(
+            await run("sv", ["-w", "90", "restart", service.dir]),
+            /^ok: run: /,
+          );
+          await service.line(
+            new RegExp(` web: listening on http://127\\.0\\.0\\.1:${port}$`),
+          );
+          const ready = await fetch(`http://127.0.0.1:${port}/readyz`);
+          assert.equal(`${ready.status} ${await ready.text()}`, "200 ready\n");
+          assert.equal(await checkExit(service.dir), 0);
+
+          await run("sv", ["-w", "15", "down", service.dir]);
+          assert.equal(await checkExit(service.dir), 1);
         },
       )
     ),

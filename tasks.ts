@@ -39,6 +39,7 @@ import {
   readAtMost,
   startQueueServer,
 } from "./mq_server.ts";
+import { Monitor } from "./web.ts";
 
 // ---------------------------------------------------------------------------
 // Entry point (called at the bottom of the file, once everything is defined)
@@ -58,7 +59,11 @@ async function main(): Promise<number> {
     await output.flush();
     return 2;
   }
-  const secrets = new Secrets([config.queue.token, config.ssh.passphrase]);
+  const secrets = new Secrets([
+    config.queue.token,
+    config.ssh.passphrase,
+    config.http?.token,
+  ]);
   const log = await setupLogging(
     output.write,
     config.logLevel,
@@ -85,6 +90,33 @@ async function main(): Promise<number> {
     }
     config.queue.baseUrl = server.url;
     log.info(`post a test message: ${curlExample(config.queue)}`);
+  }
+
+  // What the worker does, counted and shown: web.ts. With TASK_HTTP_PORT its
+  // listener serves the page, the metrics and the dead-letter actions.
+  const monitor = new Monitor();
+  let web: { close(): Promise<void> } | undefined;
+  if (config.http) {
+    try {
+      web = await monitor.serve({
+        ...config.http,
+        deadLetters: new DeadLetters(
+          new IronMqClient(config.queue),
+          config.task.deadLetterQueue,
+        ),
+        maskBody: (body) => maskedBody(body, config.task.catalog, secrets),
+        log: (line) => log.info(line),
+      });
+    } catch (e) {
+      log.error(
+        `cannot listen on ${config.http.hostname}:${config.http.port}: ${
+          errorText(e)
+        } (set TASK_HTTP_HOST and TASK_HTTP_PORT to a free address, or unset TASK_HTTP_PORT)`,
+      );
+      await server?.close();
+      await output.flush();
+      return 1;
+    }
   }
 
   const stop = new AbortController();
@@ -140,6 +172,7 @@ async function main(): Promise<number> {
     Deno.removeSignalListener("SIGTERM", onSignal);
     Deno.removeSignalListener("SIGINT", onSignal);
     runner.close();
+    await web?.close();
     await server?.close();
   }
   log.info("stopped");
@@ -3172,6 +3205,8 @@ export interface Config {
   logFormat: LogFormat;
   /** Parameters a catalog declares and never uses, to say at start. */
   warnings: string[];
+  /** TASK_HTTP_PORT: the monitor's listener (web.ts); off when unset. */
+  http?: { hostname: string; port: number; token?: string };
 }
 
 /** An iron.json file found on disk, as read (path for error messages). */
@@ -3508,6 +3543,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     }
     task.resultsQueue = resultsQueue;
   }
+  const http = httpSettings(read);
   const warnings: string[] = [];
   const loaded = loadCatalog(
     context.catalogFile,
@@ -3541,7 +3577,33 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     logLevel,
     logFormat,
     warnings,
+    http,
   };
+}
+
+/** TASK_HTTP_*: the monitor's listener, off unless TASK_HTTP_PORT is set. */
+function httpSettings(read: EnvReader): Config["http"] {
+  if (read.optional("TASK_HTTP_PORT") === undefined) return undefined;
+  const port = read.integer("TASK_HTTP_PORT", 0, 0, 65535);
+  const hostname = read.text("TASK_HTTP_HOST", "127.0.0.1");
+  const token = read.optional("TASK_HTTP_TOKEN");
+  if (!/^(?:[A-Za-z0-9.-]+|[0-9A-Fa-f:.]+)$/.test(hostname)) {
+    read.problems.push(
+      `TASK_HTTP_HOST=${
+        JSON.stringify(hostname)
+      }: must be a host name or IP address such as 127.0.0.1`,
+    );
+  } else if (token === undefined && !isLoopback(hostname)) {
+    read.problems.push(
+      `TASK_HTTP_HOST=${hostname}: a non-loopback address needs TASK_HTTP_TOKEN (a long random string, e.g. openssl rand -hex 32), or listen on 127.0.0.1`,
+    );
+  }
+  if (token !== undefined && !/^[\x21-\x7e]{16,}$/.test(token)) {
+    read.problems.push(
+      "TASK_HTTP_TOKEN: must be at least 16 printable ASCII characters without spaces (value not shown)",
+    );
+  }
+  return { hostname, port, token };
 }
 
 /**
@@ -3738,6 +3800,11 @@ export function permissionFlags(
   for (const host of servedHosts(config.task)) {
     const first = host.jump[0] ?? host;
     net.add(`${bracketIPv6(first.host)}:${first.port}`);
+  }
+  if (config.http) {
+    const host = bracketIPv6(config.http.hostname);
+    net.add(config.http.port === 0 ? host : `${host}:${config.http.port}`);
+    read.add(new URL("./page.html", import.meta.url).pathname);
   }
   read.add(config.ssh.knownHostsFile);
   if (config.ssh.strictHostKeyChecking === "accept-new") {
