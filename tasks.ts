@@ -39,7 +39,7 @@ import {
   readAtMost,
   startQueueServer,
 } from "./mq_server.ts";
-import { Monitor } from "./web.ts";
+import { type HostOutcome, Monitor, type Outcome } from "./web.ts";
 
 // ---------------------------------------------------------------------------
 // Entry point (called at the bottom of the file, once everything is defined)
@@ -127,15 +127,17 @@ async function main(): Promise<number> {
     hosts,
     config.task.concurrency,
     log,
+    monitor,
   );
   const worker = new Worker(
     config.task,
     {
-      queue: new IronMqClient(config.queue),
+      queue: new IronMqClient(config.queue, monitor),
       runner,
       log,
       clock: realClock,
       secrets,
+      monitor,
     },
     config.queue.queueName,
   );
@@ -219,6 +221,8 @@ export interface WorkerDeps {
   touchIntervalMs?: number;
   /** Masked in what leaves the worker besides the log (dead-letter records). */
   secrets?: Secrets;
+  /** Told what happens, for the metrics and the page (web.ts). */
+  monitor?: Monitor;
 }
 
 /** A reserved message and its current reservation id (a touch replaces it). */
@@ -363,7 +367,7 @@ export class Worker {
         about,
       );
       return owed.kind === "record"
-        ? this.settler.deadLetter(held, owed.failure, owed.status)
+        ? this.settler.deadLetter(held, owed.failure, owed.status, true)
         : this.settler.resendPosts(held, owed);
     }
     switch (plan.kind) {
@@ -409,7 +413,13 @@ export class Worker {
     const limitSource = plan.task ? "its timeout" : "TASK_TIMEOUT";
     const runs = await this.fanOut(hosts, async (host) => {
       log.info(`[${host.name}] run: ${display}`, { ...about, host: host.name });
-      const run = await this.execute(host, plan.command, timeoutMs, held);
+      const run = await this.execute(
+        host,
+        plan.command,
+        display,
+        timeoutMs,
+        held,
+      );
       logEnd(log, run, id, limit, { ...about, host: host.name });
       return run;
     });
@@ -484,6 +494,7 @@ export class Worker {
   private async execute(
     host: HostSpec,
     command: string,
+    display: string,
     timeoutMs: number,
     held: Held,
   ): Promise<RunRecord> {
@@ -491,12 +502,20 @@ export class Worker {
     const secrets = held.secrets ?? new Secrets([]);
     const prefix = `[${host.name}]`;
     const about: LogFields = { ...fieldsOf(held), host: host.name };
+    const monitor = this.deps.monitor;
+    const runId = `${held.message.id}/${held.attempt}/${host.name}`;
     const stdout = new Tail();
     const stderr = new Tail();
+    // The page shows the line as the log does: masked, control characters escaped.
     const out = new LineSplitter(
       (line) => {
         stdout.add(line);
         log.info(`${prefix} out: ${line}`, { ...about, stream: "stdout" });
+        monitor?.commandOutput(
+          runId,
+          "out",
+          escapeControls(secrets.mask(line)),
+        );
       },
       { secrets },
     );
@@ -504,6 +523,11 @@ export class Worker {
       (line) => {
         stderr.add(line);
         log.info(`${prefix} err: ${line}`, { ...about, stream: "stderr" });
+        monitor?.commandOutput(
+          runId,
+          "err",
+          escapeControls(secrets.mask(line)),
+        );
       },
       { secrets },
     );
@@ -520,8 +544,17 @@ export class Worker {
     if (this.hardStop.signal.aborted) return record({ kind: "aborted" });
     const controller = new AbortController();
     this.running.add(controller);
+    monitor?.commandStarted({
+      runId,
+      messageId: held.message.id,
+      task: taskLabel(held),
+      host: host.name,
+      command: escapeControls(display),
+      startedAt,
+    });
+    let result: RunResult = { kind: "aborted" };
     try {
-      const result = await this.deps.runner.run(host, command, {
+      result = await this.deps.runner.run(host, command, {
         onStdout: (chunk) => out.push(chunk),
         onStderr: (chunk) => err.push(chunk),
         timeoutMs,
@@ -532,6 +565,7 @@ export class Worker {
       return record(result);
     } finally {
       this.running.delete(controller);
+      monitor?.commandEnded(runId, { result, finishedAt: clock.now() });
     }
   }
 
@@ -559,6 +593,11 @@ export class Worker {
     }
     await processing;
   }
+}
+
+/** A message's task for the metrics: its name, or TASK_COMMAND. */
+function taskLabel(held: Held): string {
+  return held.meta?.task ?? "TASK_COMMAND";
 }
 
 /** What a message's log lines are about, for LOG_FORMAT=json. */
@@ -702,11 +741,13 @@ class Settler {
 
   /** The command succeeded. */
   delete(held: Held): void {
+    this.count(held, "success");
     this.track(held, this.finish(held, "SUCCESS"));
   }
 
   /** Expired before it ran (Celery's `expires`): deleted, never run. */
   revoke(held: Held, reason: string): void {
+    this.count(held, "revoked", reason);
     this.track(held, this.finish(held, "REVOKED", reason));
   }
 
@@ -721,6 +762,7 @@ class Settler {
     if (held.attempt >= maxAttempts) {
       return this.deadLetter(held, failure, "FAILURE");
     }
+    this.count(held, "retry", failure.reason);
     const delay = releaseDelaySeconds(
       held.attempt,
       this.task.retryDelaySeconds,
@@ -757,6 +799,7 @@ class Settler {
     why: string,
     after?: Promise<void>,
   ): void {
+    this.count(held, "not_run", why);
     this.attempts.notRun(held.message.id);
     this.track(
       held,
@@ -767,12 +810,33 @@ class Settler {
     );
   }
 
+  /** Moves it to the dead-letter queue (`again`: its record is owed, its outcome counted before). */
   deadLetter(
     held: Held,
     failure: Failure,
     status: "FAILURE" | "REJECTED",
+    again = false,
   ): void {
+    if (!again) {
+      this.count(
+        held,
+        status === "FAILURE" ? "failure" : "rejected",
+        failure.reason,
+      );
+    }
     this.track(held, this.recordDeadLetter(held, failure, status));
+  }
+
+  /** One settled message, for the metrics and the page. */
+  private count(held: Held, outcome: Outcome, reason?: string): void {
+    this.deps.monitor?.messageSettled({
+      messageId: held.message.id,
+      task: taskLabel(held),
+      outcome,
+      hosts: this.hostsOf(held, 2048),
+      finishedAt: this.deps.clock.now(),
+      reason: reason === undefined ? undefined : this.maskerFor(held)(reason),
+    });
   }
 
   async idle(): Promise<void> {
@@ -893,10 +957,16 @@ class Settler {
   }
 
   /** Each host's outcome of the last run, output tails cut to `tailChars`. */
-  private hostsOf(held: Held, tailChars: number): Record<string, unknown> {
+  private hostsOf(
+    held: Held,
+    tailChars: number,
+  ): Record<string, HostOutcome & { truncated: Record<string, boolean> }> {
     const mask = this.maskerFor(held);
     const tail = (t: Tail) => mask(t.toString()).slice(-tailChars);
-    const hosts: Record<string, unknown> = {};
+    const hosts: Record<
+      string,
+      HostOutcome & { truncated: Record<string, boolean> }
+    > = {};
     for (const run of held.runs ?? []) {
       const { result } = run;
       hosts[run.host.name] = {
@@ -1052,6 +1122,7 @@ class Settler {
         "dead-letter queue unavailable",
       );
     }
+    this.deps.monitor?.deadLettered(taskLabel(held));
     log.error(
       `message ${message.id}: moved to ${where} after ${held.attempt} attempt(s): ${
         mask(failure.reason)
@@ -1336,6 +1407,7 @@ class Fetcher {
   forget(held: Held): void {
     if (this.holding.get(held.message.id) === held) {
       this.holding.delete(held.message.id);
+      this.deps.monitor?.held(this.holding.size);
     }
   }
 
@@ -1454,6 +1526,7 @@ class Fetcher {
       attempt: this.attempts.attemptOf(message),
     };
     this.holding.set(message.id, held);
+    this.deps.monitor?.held(this.holding.size);
     if (stop.aborted) {
       return this.settler.notRun(
         held,
@@ -3902,7 +3975,11 @@ interface DeleteItem {
 
 /** The IronMQ v3 calls the worker makes. Errors are QueueErrors that say whether a retry may help. */
 export class IronMqClient {
-  constructor(private readonly config: QueueConfig) {}
+  constructor(
+    private readonly config: QueueConfig,
+    /** Told of each request and its status (the worker's own client). */
+    private readonly monitor?: Monitor,
+  ) {}
 
   /** Creates the queue if it does not exist yet, so the first reserve finds it; true if it did. */
   async ensureQueue(signal?: AbortSignal): Promise<boolean> {
@@ -4126,12 +4203,16 @@ export class IronMqClient {
       }
       text = new TextDecoder().decode(bytes);
     } catch (e) {
+      if (!signal?.aborted) {
+        this.monitor?.queueRequest(opOf(method, path, body), "error");
+      }
       if (signal?.aborted || e instanceof ReplyTooLarge) throw e;
       throw new QueueError(`${where}: ${errorText(e)}`, undefined, true);
     } finally {
       clearTimeout(timer);
       signal?.removeEventListener("abort", onStop);
     }
+    this.monitor?.queueRequest(opOf(method, path, body), response.status);
     if (!response.ok) {
       const status = response.status;
       const retryable = status >= 500 || status === 408 || status === 429;
@@ -4156,6 +4237,24 @@ export class IronMqClient {
       true,
     );
   }
+}
+
+/** A request's kind, for the metrics: reserve, delete, post, touch... */
+function opOf(method: string, path: string, body: unknown): string {
+  const rest = path.replace(/\?.*$/, "").replace(/^\/queues\/[^/]+/, "");
+  if (rest === "") {
+    return { GET: "queue_info", PUT: "create_queue" }[method] ?? "delete_queue";
+  }
+  if (rest === "/messages") {
+    if (method === "POST") return "post";
+    if (method === "GET") return "peek";
+    return isRecord(body) && "ids" in body ? "delete_batch" : "clear";
+  }
+  const last = rest.split("/").pop()!;
+  if (["reservations", "webhook", "touch", "release"].includes(last)) {
+    return { reservations: "reserve", webhook: "post_verbatim" }[last] ?? last;
+  }
+  return method === "GET" ? "get_message" : "delete";
 }
 
 function serverMessage(text: string): string {
@@ -4706,6 +4805,7 @@ export class SshHosts implements CommandRunner {
     private readonly hosts: HostSpec[],
     private readonly concurrency: number,
     private readonly log: Log,
+    private readonly monitor?: Monitor,
   ) {
     this.outage = new OutageLog(
       hosts.length === 1
@@ -4760,6 +4860,7 @@ export class SshHosts implements CommandRunner {
         ssh: this.ssh,
         credentials: this.credentials,
         log: this.log,
+        monitor: this.monitor,
         maxConnections: jump
           ? 1
           : Math.ceil(this.concurrency / this.ssh.channelsPerConnection),
@@ -4808,6 +4909,7 @@ interface PoolSettings {
   ssh: SshConfig;
   credentials: SshCredentials;
   log: Log;
+  monitor?: Monitor;
   maxConnections: number;
   /** Exec channels (or forwarded connections, for a jump host) on one connection at once. */
   channelsPerConnection: number;
@@ -4915,6 +5017,7 @@ class HostPool {
       // Closed from now on: no command may take it while it ends.
       connection.closed = true;
       this.connections.splice(this.connections.indexOf(connection), 1);
+      this.counted();
       this.settings.log.debug(
         `ssh ${this.where}: closing a connection unused for ${
           idleTimeoutMs / 1000
@@ -4931,7 +5034,10 @@ class HostPool {
         return c;
       },
       (e) => {
-        this.hosts.connected(this.host, errorText(e));
+        const error = errorText(e);
+        this.hosts.connected(this.host, error);
+        this.settings.monitor?.sshError(this.host.name, sshErrorKind(error));
+        this.settings.monitor?.hostState(this.host.name, "unreachable", error);
         throw e;
       },
     ).finally(() => {
@@ -5031,6 +5137,7 @@ class HostPool {
         settled = true;
         client.setNoDelay(true); // Nagle + delayed ACK costs ~40 ms per exec.
         this.connections.push(connection);
+        this.counted();
         log.info(`ssh ${this.where}: connected`);
         resolve(connection);
       });
@@ -5043,7 +5150,10 @@ class HostPool {
         connection.closed = true;
         clearTimeout(connection.idleTimer);
         const i = this.connections.indexOf(connection);
-        if (i >= 0) this.connections.splice(i, 1);
+        if (i >= 0) {
+          this.connections.splice(i, 1);
+          this.counted();
+        }
         for (const wake of this.slotWaiters.splice(0)) wake();
         if (!settled) {
           settled = true;
@@ -5081,6 +5191,16 @@ class HostPool {
           : undefined,
       });
     });
+  }
+
+  /** The open connections, for the metrics and the page. */
+  private counted(): void {
+    const open = this.connections.length;
+    this.settings.monitor?.sshConnections(this.host.name, open);
+    this.settings.monitor?.hostState(
+      this.host.name,
+      open > 0 ? "connected" : "idle",
+    );
   }
 
   private rememberHostKey(key: Buffer): void {
@@ -5145,12 +5265,14 @@ class HostPool {
         }, 1000);
       };
       const onAbort = () => stop("aborted");
-      const onDrop = () =>
+      const onDrop = () => {
+        this.settings.monitor?.sshError(this.host.name, "dropped");
         finish({
           kind: "ssh-error",
           error:
             `connection to ${this.where} dropped while the command was running`,
         });
+      };
 
       connection.client.once("close", onDrop);
       io.signal.addEventListener("abort", onAbort, { once: true });
@@ -5159,6 +5281,7 @@ class HostPool {
       try {
         connection.client.exec(command, (err, ch) => {
           if (err) {
+            this.settings.monitor?.sshError(this.host.name, "exec");
             return finish({
               kind: "ssh-error",
               error: `${this.where}: cannot start the command: ${err.message}`,
@@ -5192,6 +5315,7 @@ class HostPool {
           }
         });
       } catch (e) {
+        this.settings.monitor?.sshError(this.host.name, "exec");
         finish({
           kind: "ssh-error",
           error: `${this.where}: cannot start the command: ${errorText(e)}`,
@@ -5244,6 +5368,14 @@ export function fingerprint(key: Uint8Array): string {
   return `SHA256:${
     createHash("sha256").update(key).digest("base64").replace(/=+$/, "")
   }`;
+}
+
+/** An SSH failure's kind, for tasks_ssh_errors_total. */
+function sshErrorKind(error: string): string {
+  if (/host key/i.test(error)) return "host_key";
+  if (/authentication/i.test(error)) return "auth";
+  if (/timed out|did not reach/i.test(error)) return "timeout";
+  return "connect";
 }
 
 function describeSshError(
