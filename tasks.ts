@@ -4861,6 +4861,7 @@ export class SshHosts implements CommandRunner {
         credentials: this.credentials,
         log: this.log,
         monitor: this.monitor,
+        jump,
         maxConnections: jump
           ? 1
           : Math.ceil(this.concurrency / this.ssh.channelsPerConnection),
@@ -4871,9 +4872,17 @@ export class SshHosts implements CommandRunner {
     return pool;
   }
 
-  /** Told by a pool whether its last connection attempt worked. */
-  connected(host: HostSpec, error?: string): void {
+  /**
+   * Told by a served host's pool whether its last connection attempt worked,
+   * or (`dropped`) that an open connection ended unasked: then it is known
+   * neither up nor down, and `ready` tries it again before the next reserve.
+   */
+  connected(host: HostSpec, error?: string, dropped = false): void {
     const key = hostKey(host);
+    if (dropped) {
+      this.up.delete(key);
+      return;
+    }
     if (error === undefined) {
       this.down.delete(key);
       this.up.add(key);
@@ -4910,6 +4919,8 @@ interface PoolSettings {
   credentials: SshCredentials;
   log: Log;
   monitor?: Monitor;
+  /** A jump host's pool: its state is not a served host's. */
+  jump: boolean;
   maxConnections: number;
   /** Exec channels (or forwarded connections, for a jump host) on one connection at once. */
   channelsPerConnection: number;
@@ -5028,14 +5039,15 @@ class HostPool {
   };
 
   private connect(): Promise<Connection> {
+    const served = !this.settings.jump;
     this.connecting ??= this.openConnection().then(
       (c) => {
-        this.hosts.connected(this.host);
+        if (served) this.hosts.connected(this.host);
         return c;
       },
       (e) => {
         const error = errorText(e);
-        this.hosts.connected(this.host, error);
+        if (served) this.hosts.connected(this.host, error);
         this.settings.monitor?.sshError(this.host.name, sshErrorKind(error));
         this.settings.monitor?.hostState(this.host.name, "unreachable", error);
         throw e;
@@ -5151,8 +5163,12 @@ class HostPool {
         clearTimeout(connection.idleTimer);
         const i = this.connections.indexOf(connection);
         if (i >= 0) {
+          // Open, not closed by us (idle, or a stop): it dropped.
           this.connections.splice(i, 1);
           this.counted();
+          if (!this.settings.jump && !this.closed) {
+            this.hosts.connected(this.host, undefined, true);
+          }
         }
         for (const wake of this.slotWaiters.splice(0)) wake();
         if (!settled) {
