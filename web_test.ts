@@ -900,6 +900,23 @@ function samples(text: string): Map<string, number> {
   return found;
 }
 
+/** Fails unless `promtool check metrics` finds the text clean. */
+async function promtoolCheck(text: string): Promise<void> {
+  const check = new Deno.Command(PROMTOOL, {
+    args: ["check", "metrics"],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const writer = check.stdin.getWriter();
+  await writer.write(new TextEncoder().encode(text));
+  await writer.close();
+  const checked = await check.output();
+  const said = new TextDecoder().decode(checked.stdout) +
+    new TextDecoder().decode(checked.stderr);
+  assert.equal(checked.code, 0, `promtool: ${said}\n${text}`);
+}
+
 Deno.test({
   name:
     "web: /metrics passes promtool check metrics and counts exactly the calls made",
@@ -957,19 +974,7 @@ Deno.test({
         reply.headers.get("content-type") ?? "",
         /^text\/plain; version=0\.0\.4/,
       );
-      const check = new Deno.Command(PROMTOOL, {
-        args: ["check", "metrics"],
-        stdin: "piped",
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
-      const writer = check.stdin.getWriter();
-      await writer.write(new TextEncoder().encode(reply.body));
-      await writer.close();
-      const checked = await check.output();
-      const said = new TextDecoder().decode(checked.stdout) +
-        new TextDecoder().decode(checked.stderr);
-      assert.equal(checked.code, 0, `promtool: ${said}\n${reply.body}`);
+      await promtoolCheck(reply.body);
 
       const values = samples(reply.body);
       const ours = new Map(
@@ -1165,6 +1170,12 @@ Deno.test({
           await tab.waitFor(
             `document.querySelector("#results [data-message]")`,
           );
+          assert.equal(
+            await tab.value(
+              `document.querySelector('[data-host="127.0.0.1"] .badge').textContent`,
+            ),
+            "connected",
+          );
           assert.match(
             await tab.value<string>(
               `document.querySelector("#results [data-message] .badge").textContent`,
@@ -1175,14 +1186,26 @@ Deno.test({
         });
         const ready = await get(`${url}/readyz`);
         assert.equal(`${ready.status} ${ready.body}`, "200 ready\n");
-        const metrics = samples((await get(`${url}/metrics`)).body);
+        const text = (await get(`${url}/metrics`)).body;
+        await promtoolCheck(text);
+        const metrics = samples(text);
         assert.equal(
           metrics.get(
             'tasks_messages_total{outcome="success",task="TASK_COMMAND"}',
           ),
           1,
         );
-        assert.equal(metrics.get("tasks_commands_running"), 0);
+        const exactly: Record<string, number> = {
+          'tasks_command_duration_seconds_count{host="127.0.0.1",task="TASK_COMMAND"}':
+            1,
+          'tasks_queue_requests_total{op="create_queue",status="200"}': 1,
+          'tasks_ssh_connections{host="127.0.0.1"}': 1,
+          "tasks_commands_running": 0,
+          "tasks_messages_reserved": 0,
+        };
+        for (const [key, value] of Object.entries(exactly)) {
+          assert.equal(metrics.get(key), value, key);
+        }
         assert.ok(metrics.get("process_resident_memory_bytes")! > 1_000_000);
       } finally {
         const status = await worker.stop();
