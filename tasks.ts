@@ -93,10 +93,11 @@ async function main(): Promise<number> {
   }
 
   // What the worker does, counted and shown: web.ts. With TASK_HTTP_PORT its
-  // listener serves the page, the metrics and the dead-letter actions.
-  const monitor = new Monitor();
+  // listener serves the page, the metrics and the dead-letter actions;
+  // without one, nothing is counted.
+  const monitor = config.http ? new Monitor() : undefined;
   let web: { close(): Promise<void> } | undefined;
-  if (config.http) {
+  if (monitor && config.http) {
     try {
       web = await monitor.serve({
         ...config.http,
@@ -3134,8 +3135,11 @@ export async function setupLogging(
     ],
   });
   const logger = getLogger(["tasks"]);
+  // The text form has no use for the fields: no per-line logger for them.
   const about = (fields?: LogFields) =>
-    fields === undefined ? logger : logger.with({ ...fields });
+    fields === undefined || format === "text"
+      ? logger
+      : logger.with({ ...fields });
   // Tagged templates keep braces in command output from being read as placeholders.
   return {
     debug: (text, fields) => about(fields).debug`${text}`,
