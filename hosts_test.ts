@@ -619,19 +619,22 @@ Deno.test({
     };
     const connected = () =>
       log.lines.filter((l) => / connected$/.test(l)).length;
+    const closed = () =>
+      log.lines.filter((l) =>
+        /closing a connection unused for 1 s \(SSH_IDLE_TIMEOUT\)/.test(l)
+      ).length;
     try {
+      // The connection `ready` opens, unused by any command, closes too.
+      await hosts.ready(AbortSignal.timeout(10_000));
+      assert.equal(connected(), 1);
+      await until("the connection ready opened closed", () => closed() === 1);
+      log.lines.length = 0;
       assert.deepEqual(await hosts.run(config.task.hosts[0], "true", io), {
         kind: "exit",
         code: 0,
       });
       assert.equal(connected(), 1);
-      await until(
-        "the idle connection closed",
-        () =>
-          log.lines.some((l) =>
-            /closing a connection unused for 1 s \(SSH_IDLE_TIMEOUT\)/.test(l)
-          ),
-      );
+      await until("the idle connection closed", () => closed() === 1);
       assert.deepEqual(await hosts.run(config.task.hosts[0], "true", io), {
         kind: "exit",
         code: 0,
@@ -843,4 +846,131 @@ tasks:
       await Deno.remove(sshd.dir, { recursive: true });
     }
   },
+});
+
+Deno.test("hosts: a stop during a fan-out starts no more hosts; those not run go on in a continuation, not counted as an attempt", async () => {
+  const queue = await startTestQueue();
+  const sshd = {
+    host: "127.0.0.1",
+    port: 22,
+    user: "op",
+    dir: "/nonexistent",
+    clientKeyFile: "/nonexistent/key",
+  } as Sshd;
+  const config = configFor(sshd, "/dev/null", undefined, {
+    SSH_HOST: "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4",
+    TASK_HOST_PARALLELISM: "1",
+    TASK_SHUTDOWN_GRACE: "1",
+    TASK_MAX_ATTEMPTS: "1",
+    SSH_KEY_FILE: "",
+    SSH_AUTH_SOCK: "/tmp/agent",
+  });
+  const started: string[] = [];
+  let running = () => {};
+  const runner = {
+    ready: () => Promise.resolve(),
+    reachable: () => true,
+    run: (host: { name: string }, _: string, io: { signal: AbortSignal }) => {
+      started.push(host.name);
+      if (host.name === "10.0.0.1") {
+        return Promise.resolve({ kind: "exit" as const, code: 0 });
+      }
+      running();
+      return new Promise<{ kind: "aborted" }>((resolve) =>
+        io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
+      );
+    },
+    close: () => {},
+  };
+  const log = memoryLog();
+  const worker = new Worker(
+    config.task,
+    { queue: queue.client, runner, log, clock: realClock },
+    "jobs",
+  );
+  const controller = new AbortController();
+  const done = worker.run(controller.signal);
+  try {
+    const second = new Promise<void>((resolve) => running = resolve);
+    await queue.post(["go"]);
+    await second;
+    controller.abort();
+    await done;
+    assert.deepEqual(started, ["10.0.0.1", "10.0.0.2"]);
+    assert.equal((await queue.peek("jobs_failed")).length, 0);
+    const [next] = await queue.peek("jobs");
+    assert.deepEqual(JSON.parse(next.body), {
+      args: [],
+      hosts: ["10.0.0.2", "10.0.0.3", "10.0.0.4"],
+      retries: 0,
+    });
+  } finally {
+    controller.abort();
+    await done;
+    await queue.close();
+  }
+});
+
+Deno.test("hosts: a body that is not valid JSON is refused without quoting it (it may hold a secret)", () => {
+  const plan = planMessage(
+    '{"task":"deploy","kwargs":{"token": s3cr3t-hunter2-value}}',
+    undefined,
+    "true",
+    Date.now(),
+    [],
+  );
+  assert.equal(plan.kind, "reject");
+  const reason = plan.kind === "reject" ? plan.reason : "";
+  assert.match(reason, /not valid JSON/);
+  assert.doesNotMatch(reason, /s3cr3t|hunter/);
+});
+
+Deno.test({
+  name: "hosts: a jump host that cannot be reached is named as the jump host",
+  ...sshdTest,
+  async fn() {
+    const sshd = await startSshd();
+    const config = configFor(sshd, sshd.knownHostsFile, undefined, {
+      SSH_PROXY_JUMP: `127.0.0.1:${freePort()}`,
+    });
+    const hosts = new SshHosts(
+      config.ssh,
+      loadSshCredentials(config.ssh),
+      config.task.hosts,
+      1,
+      memoryLog(),
+    );
+    try {
+      const result = await hosts.run(config.task.hosts[0], "true", {
+        onStdout: () => {},
+        onStderr: () => {},
+        timeoutMs: 0,
+        signal: new AbortController().signal,
+      });
+      assert.equal(result.kind, "ssh-error");
+      assert.match(
+        result.kind === "ssh-error" ? result.error : "",
+        /^jump host \S+@127\.0\.0\.1:\d+: connection refused/,
+      );
+    } finally {
+      hosts.close();
+      await sshd.stop();
+      await Deno.remove(sshd.dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test("hosts: with SSH_KEY_FILE set, the default keys are not looked for (./start grants no read of them)", () => {
+  const config = parseConfig(
+    { SSH_KEY_FILE: "/keys/deploy", SSH_HOST: "10.0.0.1,10.0.0.2" },
+    {
+      home: "/home/op",
+      user: "op",
+      ironJsonFiles: [],
+      exists: (path) => {
+        throw new Error(`looked for ${path}`);
+      },
+    },
+  );
+  assert.equal(config.ssh.keyFile, "/keys/deploy");
 });

@@ -260,6 +260,10 @@ interface Failure {
   stderrTail?: string;
   /** The hosts to run it on again (the failed ones), when others succeeded. */
   hosts?: string[];
+  /** Those hosts were stopped by a shutdown, not failed: no attempt counted. */
+  notAnAttempt?: boolean;
+  /** Each host's outcome, kept while its dead-letter record is owed. */
+  outcomes?: Record<string, HostOutcome>;
 }
 
 export class Worker {
@@ -268,6 +272,8 @@ export class Worker {
   /** How to stop each running command (grace period over, or a second signal). */
   private readonly running = new Set<AbortController>();
   private readonly hardStop = new AbortController();
+  /** Aborted by a stop signal: no host starts after it, not even in a fan-out. */
+  private stopping?: AbortSignal;
   private readonly attempts: AttemptCounter;
 
   constructor(
@@ -300,6 +306,7 @@ export class Worker {
    * that finishes starts its next command without a round trip to the queue.
    */
   async run(stop: AbortSignal): Promise<void> {
+    this.stopping = stop;
     await this.fetcher.ensureQueue(stop);
     const fetching = this.fetcher.run(stop);
     const processor = async () => {
@@ -368,7 +375,12 @@ export class Worker {
         about,
       );
       return owed.kind === "record"
-        ? this.settler.deadLetter(held, owed.failure, owed.status, true)
+        ? this.settler.deadLetter(
+          Object.assign(held, { attempt: owed.attempt }),
+          owed.failure,
+          owed.status,
+          true,
+        )
         : this.settler.resendPosts(held, owed);
     }
     switch (plan.kind) {
@@ -469,6 +481,8 @@ export class Worker {
     // Only the failed hosts run again; those that succeeded never do.
     if (failed.length < runs.length) {
       failure.hosts = failed.map((r) => r.host.name);
+      // Only stopped by the shutdown, they have not had an attempt.
+      failure.notAnAttempt = failed.every((r) => r.result.kind === "aborted");
     }
     return this.settler.failed(held, failure);
   }
@@ -541,8 +555,10 @@ export class Worker {
       stdout,
       stderr,
     });
-    // A hard stop during a fan-out: the hosts not started yet never start.
-    if (this.hardStop.signal.aborted) return record({ kind: "aborted" });
+    // Stopping: the hosts of a fan-out not started yet never start.
+    if (this.stopping?.aborted || this.hardStop.signal.aborted) {
+      return record({ kind: "aborted" });
+    }
     const controller = new AbortController();
     this.running.add(controller);
     monitor?.commandStarted({
@@ -722,7 +738,13 @@ interface Post {
 
 /** What is still to be posted for a message whose outcome is known. */
 type Owed =
-  | { kind: "record"; status: "FAILURE" | "REJECTED"; failure: Failure }
+  | {
+    kind: "record";
+    status: "FAILURE" | "REJECTED";
+    failure: Failure;
+    /** Its attempts then: the record says so when it is posted later. */
+    attempt: number;
+  }
   | { kind: "posts"; status: Status; posts: Post[] };
 
 class Settler {
@@ -760,11 +782,11 @@ class Settler {
    */
   failed(held: Held, failure: Failure): void {
     const maxAttempts = held.maxAttempts ?? this.task.maxAttempts;
-    if (held.attempt >= maxAttempts) {
+    if (held.attempt >= maxAttempts && !failure.notAnAttempt) {
       return this.deadLetter(held, failure, "FAILURE");
     }
     this.count(held, "retry", failure.reason);
-    const delay = releaseDelaySeconds(
+    const delay = failure.notAnAttempt ? 0 : releaseDelaySeconds(
       held.attempt,
       this.task.retryDelaySeconds,
     );
@@ -772,7 +794,11 @@ class Settler {
       const continuation: Post = {
         what: "continuation",
         queue: this.queueName,
-        body: continuationBody(held.message.body, failure.hosts, held.attempt),
+        body: continuationBody(
+          held.message.body,
+          failure.hosts,
+          held.attempt - (failure.notAnAttempt ? 1 : 0),
+        ),
         delaySeconds: delay,
       };
       return this.track(
@@ -1090,7 +1116,7 @@ class Settler {
       stderr_tail: failure.stderrTail === undefined
         ? undefined
         : mask(failure.stderrTail),
-      hosts: this.hostsOf(held, 2048),
+      hosts: failure.outcomes ?? this.hostsOf(held, 2048),
       failed_at: new Date(clock.now()).toISOString(),
     };
     let where = dlq;
@@ -1116,7 +1142,12 @@ class Settler {
         }); keeping it in ${this.queueName}, where it will not run again`,
         fieldsOf(held),
       );
-      this.attempts.owe(message.id, { kind: "record", status, failure });
+      this.attempts.owe(message.id, {
+        kind: "record",
+        status,
+        failure: { ...failure, outcomes: record.hosts },
+        attempt: held.attempt,
+      });
       return await this.release(
         held,
         releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
@@ -1839,10 +1870,13 @@ function parseJsonBody(
   try {
     parsed = JSON.parse(text);
   } catch (e) {
+    // V8's message quotes part of the body, which may hold a secret: only
+    // the position is kept.
+    const at = /at position \d+/.exec(errorText(e))?.[0];
     return {
-      reason: `the body starts like JSON but is not valid JSON (${
-        errorText(e)
-      }): send {"args": ["..."]}, or a body that does not start with { or [`,
+      reason: `the body starts like JSON but is not valid JSON${
+        at === undefined ? "" : ` (${at})`
+      }: send {"args": ["..."]}, or a body that does not start with { or [`,
     };
   }
   if (!isRecord(parsed)) {
@@ -3531,14 +3565,17 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   const agentSocket = keyFile === undefined
     ? read.optional("SSH_AUTH_SOCK")
     : undefined;
-  const defaultKey = DEFAULT_KEY_FILES
-    .map((name) => `${context.home}/.ssh/${name}`)
-    .find(context.exists);
+  // Looked for only when needed: under ./start, Deno may read nothing else.
+  const defaultKey = keyFile === undefined && agentSocket === undefined
+    ? DEFAULT_KEY_FILES
+      .map((name) => `${context.home}/.ssh/${name}`)
+      .find(context.exists)
+    : undefined;
   const { hosts, defaults: hostDefaults } = hostSettings(read, context);
   const ssh: SshConfig = {
     port: hostDefaults.port,
     user: hostDefaults.user,
-    keyFile: keyFile ?? (agentSocket === undefined ? defaultKey : undefined),
+    keyFile: keyFile ?? defaultKey,
     agentSocket,
     passphrase: read.optional("SSH_KEY_PASSPHRASE"),
     knownHostsFile: read.text(
@@ -5025,7 +5062,13 @@ class HostPool {
   release = (connection: Connection): void => {
     connection.active--;
     this.slotWaiters.shift()?.();
+    this.closeWhenIdle(connection);
+  };
+
+  /** Unused from now on (a slot taken in time clears it): closed after SSH_IDLE_TIMEOUT. */
+  private closeWhenIdle(connection: Connection): void {
     if (connection.active > 0 || connection.closed) return;
+    clearTimeout(connection.idleTimer);
     const { idleTimeoutMs } = this.settings.ssh;
     connection.idleTimer = setTimeout(() => {
       if (connection.active > 0 || connection.closed) return;
@@ -5040,7 +5083,7 @@ class HostPool {
       );
       connection.client.end();
     }, idleTimeoutMs);
-  };
+  }
 
   private connect(): Promise<Connection> {
     const served = !this.settings.jump;
@@ -5051,9 +5094,15 @@ class HostPool {
       },
       (e) => {
         const error = errorText(e);
-        if (served) this.hosts.connected(this.host, error);
         this.settings.monitor?.sshError(this.host.name, sshErrorKind(error));
-        this.settings.monitor?.hostState(this.host.name, "unreachable", error);
+        if (served) {
+          this.hosts.connected(this.host, error);
+          this.settings.monitor?.hostState(
+            this.host.name,
+            "unreachable",
+            error,
+          );
+        }
         throw e;
       },
     ).finally(() => {
@@ -5069,7 +5118,17 @@ class HostPool {
     if (jump.length === 0) return await this.handshake(undefined);
     const last = jump[jump.length - 1];
     const via = this.hosts.pool({ ...last, jump: jump.slice(0, -1) }, true);
-    const carrier = await via.acquire();
+    let carrier: Connection;
+    try {
+      carrier = await via.acquire();
+    } catch (e) {
+      const error = errorText(e);
+      throw new Error(
+        error.startsWith("jump host ")
+          ? error
+          : `jump host ${via.where}: ${error}`,
+      );
+    }
     let stream: ClientChannel;
     try {
       stream = await this.forward(carrier, via.where);
@@ -5154,6 +5213,8 @@ class HostPool {
         client.setNoDelay(true); // Nagle + delayed ACK costs ~40 ms per exec.
         this.connections.push(connection);
         this.counted();
+        // Opened for `ready`, it may never carry a command.
+        this.closeWhenIdle(connection);
         log.info(`ssh ${this.where}: connected`);
         resolve(connection);
       });
@@ -5213,10 +5274,11 @@ class HostPool {
     });
   }
 
-  /** The open connections, for the metrics and the page. */
+  /** The open connections, for the metrics and the page (a served host's state). */
   private counted(): void {
     const open = this.connections.length;
     this.settings.monitor?.sshConnections(this.host.name, open);
+    if (this.settings.jump) return;
     this.settings.monitor?.hostState(
       this.host.name,
       open > 0 ? "connected" : "idle",

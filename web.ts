@@ -379,6 +379,13 @@ export class Monitor {
           `the queue's last request (${last.op}) got ${answer}: is IronMQ reachable? (the log says more)`,
       };
     }
+    if (last.status === 401 || last.status === 403) {
+      return {
+        ok: false,
+        reason:
+          `the queue refused the worker's token (HTTP ${last.status} to ${last.op}): check IRON_TOKEN`,
+      };
+    }
     const hosts = [...this.hosts.values()];
     if (hosts.length > 0 && hosts.every((h) => h.state === "unreachable")) {
       const named = hosts.slice(0, 5).map((h) =>

@@ -877,6 +877,10 @@ Deno.test("web: /healthz answers ok; /readyz follows the queue's last answer and
     );
     monitor.queueRequest("reserve", 503);
     assert.match((await ready()).body, /got HTTP 503/);
+    monitor.queueRequest("reserve", 401); // an answer, but nothing will work
+    reply = await ready();
+    assert.equal(reply.status, 503);
+    assert.match(reply.body, /refused the worker's token \(HTTP 401/);
     monitor.queueRequest("reserve", 200);
     assert.equal((await ready()).status, 200);
 
