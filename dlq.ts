@@ -239,13 +239,19 @@ async function requeue(c: Context, ids: string[]): Promise<number> {
   return failed === 0 ? 0 : 1;
 }
 
-/** Every record, in rounds of up to 100 (IronMQ's peek shows no more at once). */
+/**
+ * Every record there when it starts, in rounds of up to 100 (IronMQ's peek
+ * shows no more at once). A record that fails again while the worker runs
+ * comes back with a new id and a later failed_at: it is not requeued again.
+ */
 async function requeueAll(c: Context): Promise<number> {
+  const startedAt = new Date().toISOString();
   const tried = new Set<string>();
   let status = 0;
   for (;;) {
     const letters = (await c.letters.list(100)).filter((l) =>
-      l.record !== undefined && !tried.has(l.id)
+      l.record !== undefined && !tried.has(l.id) &&
+      String(l.record.failed_at) < startedAt
     );
     if (letters.length === 0) break;
     for (const letter of letters) tried.add(letter.id);

@@ -418,15 +418,19 @@ Deno.test("dlq purge says how many and deletes nothing without --yes (exit 2); w
     );
   }));
 
-Deno.test("dlq requeue --all moves every record, past the 100 that one peek shows", () =>
+Deno.test("dlq requeue --all moves every record there when it starts, past the 100 that one peek shows, and none that failed since", () =>
   withQueue(async (q, env) => {
     const bodies = Array.from({ length: 150 }, (_, i) => `job ${i}`);
     await postDead(q, bodies.slice(0, 100).map((body) => record({ body })));
+    // As a requeued message that failed again, while the worker runs, comes back.
+    await postDead(q, [
+      record({ body: "failed again", failed_at: "2999-01-01T00:00:00.000Z" }),
+    ]);
     await postDead(q, bodies.slice(100).map((body) => record({ body })));
     const ran = await dlq(["requeue", "--all"], env);
     assert.equal(ran.code, 0, ran.stderr);
     assert.equal(ran.stdout.trimEnd().split("\n").length, 150);
-    assert.equal(await q.size("my_queue_failed"), 0);
+    assert.equal(await q.size("my_queue_failed"), 1);
     const back = [
       ...await q.peek("my_queue"),
     ];
