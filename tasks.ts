@@ -55,7 +55,7 @@ async function main(): Promise<number> {
     config = parseConfig(env, configContext(env));
     credentials = loadSshCredentials(config.ssh);
   } catch (e) {
-    output.write(fatalText(e));
+    output.write(fatalText(e, env));
     await output.flush();
     return 2;
   }
@@ -184,7 +184,15 @@ async function main(): Promise<number> {
 }
 
 /** A configuration error for the terminal or svlogd: one problem a line, escaped. */
-function fatalText(e: unknown): string {
+function fatalText(e: unknown, env: Env): string {
+  if (envValue(env, "LOG_FORMAT") === "json") {
+    // As LOG_FORMAT=json's lines are, for a log shipper reading them.
+    return JSON.stringify({
+      time: new Date().toISOString(),
+      level: "fatal",
+      message: escapeControls(errorText(e)),
+    });
+  }
   return `FATAL ${errorText(e).split("\n").map(escapeControls).join("\n  ")}`;
 }
 
@@ -1120,9 +1128,13 @@ class Settler {
       failed_at: new Date(clock.now()).toISOString(),
     };
     let where = dlq;
+    let recordId: string | undefined;
     try {
       try {
-        await queueCall(() => queue.post(dlq, [JSON.stringify(record)]), clock);
+        [recordId] = await queueCall(
+          () => queue.post(dlq, [JSON.stringify(record)]),
+          clock,
+        );
       } catch (e) {
         if (!(e instanceof QueueError && e.status === 413)) throw e;
         const [bodyId] = await queueCall(
@@ -1131,7 +1143,10 @@ class Settler {
         );
         record.body = undefined;
         record.body_message_id = bodyId;
-        await queueCall(() => queue.post(dlq, [JSON.stringify(record)]), clock);
+        [recordId] = await queueCall(
+          () => queue.post(dlq, [JSON.stringify(record)]),
+          clock,
+        );
         where =
           `${dlq} (too large for one message: its body verbatim as message ${bodyId}, then the record)`;
       }
@@ -1158,7 +1173,7 @@ class Settler {
     log.error(
       `message ${message.id}: moved to ${where} after ${held.attempt} attempt(s): ${
         mask(failure.reason)
-      }`,
+      } (deno task dlq show ${recordId})`,
       fieldsOf(held),
     );
     await this.finish(held, status, failure.reason);
@@ -3968,7 +3983,7 @@ function printPermissions(env: Env): number {
     console.log(flags.join(" "));
     return 0;
   } catch (e) {
-    console.error(fatalText(e));
+    console.error(fatalText(e, env));
     return 2;
   }
 }

@@ -63,6 +63,7 @@ import {
   fastClock,
   memoryLog,
   mulberry32,
+  REPO,
   spawnCollecting,
   startTestQueue,
   type TestQueue,
@@ -488,6 +489,25 @@ Deno.test("log format: LOG_FORMAT=json writes one object a line with message id,
     () => parseConfig({ LOG_FORMAT: "xml", SSH_KEY_FILE: "/k" }, context()),
     /LOG_FORMAT="xml": must be one of text, json/,
   );
+  // A bad setting, too, is one JSON object (./start prints it, then stops).
+  const start = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      "--config",
+      `${REPO}deno.json`,
+      `${REPO}tasks.ts`,
+      "--permissions",
+    ],
+    env: { LOG_FORMAT: "json", TASK_CONCURRENCY: "0", SSH_KEY_FILE: "/k" },
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(start.code, 2);
+  const fatal = JSON.parse(new TextDecoder().decode(start.stderr));
+  assert.equal(fatal.level, "fatal");
+  assert.match(fatal.message, /TASK_CONCURRENCY="0"/);
   await setupLogging(() => {}, "info", new Secrets([]));
 });
 
