@@ -13,6 +13,7 @@ import {
   parseJump,
   permissionFlags,
   planMessage,
+  QueueError,
   realClock,
   servedHosts,
   SshHosts,
@@ -973,4 +974,82 @@ Deno.test("hosts: with SSH_KEY_FILE set, the default keys are not looked for (./
     },
   );
   assert.equal(config.ssh.keyFile, "/keys/deploy");
+});
+
+Deno.test("hosts: while the queue refuses a continuation, the message stays reserved: the hosts that succeeded never run again", async () => {
+  const queue = await startTestQueue();
+  const sshd = {
+    host: "127.0.0.1",
+    port: 22,
+    user: "op",
+    dir: "/nonexistent",
+    clientKeyFile: "/nonexistent/key",
+  } as Sshd;
+  const config = configFor(sshd, "/dev/null", undefined, {
+    SSH_HOST: "10.0.0.1,10.0.0.2",
+    TASK_MAX_ATTEMPTS: "2",
+    SSH_KEY_FILE: "",
+    SSH_AUTH_SOCK: "/tmp/agent",
+  });
+  const ran: string[] = [];
+  const runner = {
+    ready: () => Promise.resolve(),
+    reachable: () => true,
+    run: (host: { name: string }) => {
+      ran.push(host.name);
+      return Promise.resolve({
+        kind: "exit" as const,
+        code: host.name === "10.0.0.1" ? 0 : 1,
+      });
+    },
+    close: () => {},
+  };
+  // The queue answers 503 to the first 9 posts to "jobs" (more than one
+  // request's own quick tries): the continuation waits for it.
+  let refused = 0;
+  const client = queue.client;
+  const flaky = {
+    ensureQueue: client.ensureQueue.bind(client),
+    reserve: client.reserve.bind(client),
+    delete: client.delete.bind(client),
+    deleteBatch: client.deleteBatch.bind(client),
+    release: client.release.bind(client),
+    touch: client.touch.bind(client),
+    postVerbatim: client.postVerbatim.bind(client),
+    post: (name: string, bodies: string[], delay?: number) => {
+      if (name === "jobs" && refused < 9) {
+        refused++;
+        return Promise.reject(new QueueError("HTTP 503", 503, true));
+      }
+      return client.post(name, bodies, delay);
+    },
+  };
+  const log = memoryLog();
+  const worker = new Worker(
+    config.task,
+    { queue: flaky, runner, log, clock: realClock },
+    "jobs",
+  );
+  const controller = new AbortController();
+  const done = worker.run(controller.signal);
+  try {
+    await queue.post(["go"]);
+    await until(
+      "dead-lettered after the second attempt",
+      async () => (await queue.peek("jobs_failed")).length === 1,
+      60_000,
+    );
+    assert.equal(refused, 9);
+    assert.deepEqual(ran, ["10.0.0.1", "10.0.0.2", "10.0.0.2"]);
+    const lines = log.lines.join("\n");
+    assert.match(
+      lines,
+      /keeping it reserved while its continuation cannot be posted/,
+    );
+    assert.doesNotMatch(lines, /released for a retry/);
+  } finally {
+    controller.abort();
+    await done;
+    await queue.close();
+  }
 });

@@ -296,6 +296,7 @@ export class Worker {
       queueName,
       attempts,
       (held) => this.fetcher.forget(held),
+      () => this.stopping,
     );
     this.attempts = attempts;
     this.fetcher = new Fetcher(
@@ -766,6 +767,8 @@ class Settler {
     private readonly attempts: AttemptCounter,
     /** Told when a message's settling begins (a delete, release or dead letter). */
     private readonly settled: (held: Held) => void,
+    /** The worker's stop signal, once it runs. */
+    private readonly stopping: () => AbortSignal | undefined,
   ) {
     this.deletes = new DeleteBatcher(deps);
   }
@@ -911,19 +914,25 @@ class Settler {
     posts: Post[] = [],
     owed = false,
   ): Promise<void> {
-    await held.keeper?.stop();
     const result = owed ? undefined : this.resultOf(held, status, reason);
     const all = result === undefined ? posts : [...posts, result];
     for (const [i, post] of all.entries()) {
       if (await this.post(held, status, post)) continue;
-      // Never zero results, never a lost retry: the message goes back; this
-      // worker posts what is left when it comes back (other workers may run
-      // it again).
+      // Released, the message would run on all its hosts again (elsewhere):
+      // it stays held (touched) while the queue recovers, until a stop.
+      // Owed meanwhile: reserved here again (its reservation lapsed while
+      // the queue was down), it is posted, not run.
       this.attempts.owe(held.message.id, {
         kind: "posts",
         status,
         posts: all.slice(i),
       });
+      if (post.what === "continuation" && await this.keepPosting(held, post)) {
+        continue;
+      }
+      // Never zero results, never a lost retry: the message goes back; this
+      // worker posts what is left when it comes back (other workers may run
+      // it again).
       return await this.release(
         held,
         releaseDelaySeconds(held.attempt, this.task.retryDelaySeconds),
@@ -932,6 +941,7 @@ class Settler {
         } could not be posted yet`,
       );
     }
+    await held.keeper?.stop(); // its reservation id is final now
     const id = held.message.id;
     this.attempts.forget(id);
     const outcome = await this.deletes.delete({
@@ -1026,6 +1036,36 @@ class Settler {
       };
     }
     return hosts;
+  }
+
+  /** Tries a continuation again, with backoff, while the queue fails and no stop comes. */
+  private async keepPosting(held: Held, post: Post): Promise<boolean> {
+    const stop = this.stopping();
+    if (stop === undefined || stop.aborted) return false;
+    this.deps.log.warn(
+      `message ${held.message.id}: keeping it reserved while its continuation cannot be posted, trying again until the queue takes it (or a stop)`,
+      fieldsOf(held),
+    );
+    try {
+      await retry(
+        () => this.deps.queue.post(post.queue, [post.body], post.delaySeconds),
+        {
+          minDelayMs: 1_000,
+          maxDelayMs: 30_000,
+          maxAttempts: Infinity,
+          retryable: (e) => e instanceof QueueError && e.retryable,
+          signal: stop,
+          clock: this.deps.clock,
+        },
+      );
+    } catch {
+      return false;
+    }
+    this.deps.log.info(
+      `message ${held.message.id}: the failed hosts run again (continuation posted)`,
+      fieldsOf(held),
+    );
+    return true;
   }
 
   private async post(held: Held, status: Status, post: Post): Promise<boolean> {
