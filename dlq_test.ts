@@ -15,11 +15,13 @@ import {
   withSshd,
 } from "./test_sshd.ts";
 import {
+  baseEnv,
   REPO,
   spawnCollecting,
   startTestQueue,
   type TestQueue,
   until,
+  withCatalogQueue,
 } from "./test_support.ts";
 
 const sshdTest = needs(sshdMissing(), "dlq tests with a real worker and sshd");
@@ -63,35 +65,11 @@ async function dlq(args: string[], env: Record<string, string>): Promise<Ran> {
   };
 }
 
-/** The base environment: a home of its own, so no iron.json of the machine's is read. */
-function baseEnv(home: string): Record<string, string> {
-  return {
-    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-    HOME: home,
-    DENO_DIR: Deno.env.get("DENO_DIR") ??
-      `${Deno.env.get("HOME")}/.cache/deno`,
-    NO_COLOR: "1",
-  };
-}
-
-/** A folder with the catalog, a queue server, and the env that points dlq at both. */
-async function withQueue(
+/** A folder with the catalog, a queue server, and the env that points at both. */
+function withQueue(
   fn: (q: TestQueue, env: Record<string, string>, dir: string) => Promise<void>,
 ): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "dlq-test-" });
-  const q = await startTestQueue({}, "local", "my_queue");
-  try {
-    await Deno.writeTextFile(`${dir}/tasks.yaml`, CATALOG);
-    const env = {
-      ...baseEnv(dir),
-      MQ_PORT: new URL(q.server.url).port,
-      TASKS_FILE: `${dir}/tasks.yaml`,
-    };
-    await fn(q, env, dir);
-  } finally {
-    await q.close();
-    await Deno.remove(dir, { recursive: true });
-  }
+  return withCatalogQueue(CATALOG, fn);
 }
 
 /** A record as the worker writes it (Settler.recordDeadLetter). */

@@ -28,6 +28,7 @@ import {
   startSshd,
 } from "./test_sshd.ts";
 import {
+  baseEnv,
   memoryLog,
   startTestQueue,
   type TestQueue,
@@ -66,6 +67,35 @@ function configFor(
         : { path: `${sshd.dir}/tasks.yaml`, text: catalog, named: true },
     },
   );
+}
+
+/**
+ * A configuration for tests that connect nowhere (a fake runner, or parsing
+ * only): SSH_HOST 10.9.9.9 unless `env` says, an agent instead of a key.
+ */
+function offlineConfig(env: Env = {}, catalog?: string): Config {
+  const sshd = {
+    host: "10.9.9.9",
+    port: 22,
+    user: "op",
+    dir: "/nonexistent",
+    clientKeyFile: "/nonexistent/key",
+  } as Sshd;
+  return configFor(sshd, "/dev/null", catalog, {
+    SSH_KEY_FILE: "",
+    SSH_AUTH_SOCK: "/tmp/agent",
+    ...env,
+  });
+}
+
+/** What a command's run needs when its output does not matter. */
+function quietIo() {
+  return {
+    onStdout: () => {},
+    onStderr: () => {},
+    timeoutMs: 0,
+    signal: new AbortController().signal,
+  };
 }
 
 /** A worker in this process on the test queue, with real SSH; stop() ends both. */
@@ -158,14 +188,6 @@ Deno.test("hosts: SSH_HOST lists, jump chains and their mistakes are read with d
 });
 
 Deno.test("hosts: catalog groups, per-task hosts and a message's narrowing", () => {
-  const dir = "/nonexistent";
-  const sshd = {
-    host: "10.9.9.9",
-    port: 22,
-    user: "op",
-    dir,
-    clientKeyFile: `${dir}/key`,
-  } as Sshd;
   const catalog = `
 hosts:
   web: [10.1.1.73, "deploy@10.1.1.74:2222"]
@@ -175,10 +197,7 @@ tasks:
   web_only: {command: uptime, hosts: [web]}
   anywhere: {command: uptime}
 `;
-  const config = configFor(sshd, "/dev/null", catalog, {
-    SSH_KEY_FILE: "",
-    SSH_AUTH_SOCK: "/tmp/agent",
-  });
+  const config = offlineConfig({}, catalog);
   const tasks = config.task.catalog!.tasks;
   assert.deepEqual(tasks.get("uptime")!.hosts!.map(hostKey), [
     "op@10.1.1.73:22",
@@ -242,11 +261,7 @@ tasks:
   t2: {command: uptime, hosts: web}
 `;
   assert.throws(
-    () =>
-      configFor(sshd, "/dev/null", mistakes, {
-        SSH_KEY_FILE: "",
-        SSH_AUTH_SOCK: "/tmp/agent",
-      }),
+    () => offlineConfig({}, mistakes),
     (e: Error) => {
       for (
         const expected of [
@@ -570,12 +585,11 @@ Deno.test({
         log,
       );
       try {
-        const result = await hosts.run(badConfig.task.hosts[0], "true", {
-          onStdout: () => {},
-          onStderr: () => {},
-          timeoutMs: 0,
-          signal: new AbortController().signal,
-        });
+        const result = await hosts.run(
+          badConfig.task.hosts[0],
+          "true",
+          quietIo(),
+        );
         assert.equal(result.kind, "ssh-error");
         assert.match(
           result.kind === "ssh-error" ? result.error : "",
@@ -612,12 +626,7 @@ Deno.test({
       1,
       log,
     );
-    const io = {
-      onStdout: () => {},
-      onStderr: () => {},
-      timeoutMs: 0,
-      signal: new AbortController().signal,
-    };
+    const io = quietIo();
     const connected = () =>
       log.lines.filter((l) => / connected$/.test(l)).length;
     const closed = () =>
@@ -672,12 +681,7 @@ Deno.test({
         ),
       };
     };
-    const io = {
-      onStdout: () => {},
-      onStderr: () => {},
-      timeoutMs: 0,
-      signal: new AbortController().signal,
-    };
+    const io = quietIo();
     const allDown = runnerFor(`${down},127.0.0.10:${freePort()}`);
     const oneUp = runnerFor(`${down},127.0.0.1`);
     try {
@@ -705,20 +709,11 @@ Deno.test({
 
 Deno.test("hosts: a message's hosts run at most TASK_HOST_PARALLELISM at once, and ./start grants only the first hop", async () => {
   const queue = await startTestQueue();
-  const sshd = {
-    host: "127.0.0.1",
-    port: 22,
-    user: "op",
-    dir: "/nonexistent",
-    clientKeyFile: "/nonexistent/key",
-  } as Sshd;
-  const config = configFor(sshd, "/dev/null", undefined, {
+  const config = offlineConfig({
     SSH_HOST: "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5",
     SSH_PROXY_JUMP: "bastion.example:2022",
     TASK_HOST_PARALLELISM: "2",
     TASK_RESULTS_QUEUE: "replies",
-    SSH_KEY_FILE: "",
-    SSH_AUTH_SOCK: "/tmp/agent",
   });
   let running = 0;
   let most = 0;
@@ -798,11 +793,7 @@ tasks:
       const out = await new Deno.Command("deno", {
         args: ["task", "-q", "send", ...args],
         env: {
-          PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-          HOME: sshd.dir,
-          DENO_DIR: Deno.env.get("DENO_DIR") ??
-            `${Deno.env.get("HOME")}/.cache/deno`,
-          NO_COLOR: "1",
+          ...baseEnv(sshd.dir),
           MQ_PORT: new URL(queue.server.url).port,
           IRON_MQ_QUEUE_NAME: "jobs",
           TASKS_FILE: `${sshd.dir}/tasks.yaml`,
@@ -851,20 +842,11 @@ tasks:
 
 Deno.test("hosts: a stop during a fan-out starts no more hosts; those not run go on in a continuation, not counted as an attempt", async () => {
   const queue = await startTestQueue();
-  const sshd = {
-    host: "127.0.0.1",
-    port: 22,
-    user: "op",
-    dir: "/nonexistent",
-    clientKeyFile: "/nonexistent/key",
-  } as Sshd;
-  const config = configFor(sshd, "/dev/null", undefined, {
+  const config = offlineConfig({
     SSH_HOST: "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4",
     TASK_HOST_PARALLELISM: "1",
     TASK_SHUTDOWN_GRACE: "1",
     TASK_MAX_ATTEMPTS: "1",
-    SSH_KEY_FILE: "",
-    SSH_AUTH_SOCK: "/tmp/agent",
   });
   const started: string[] = [];
   let running = () => {};
@@ -942,12 +924,7 @@ Deno.test({
       memoryLog(),
     );
     try {
-      const result = await hosts.run(config.task.hosts[0], "true", {
-        onStdout: () => {},
-        onStderr: () => {},
-        timeoutMs: 0,
-        signal: new AbortController().signal,
-      });
+      const result = await hosts.run(config.task.hosts[0], "true", quietIo());
       assert.equal(result.kind, "ssh-error");
       assert.match(
         result.kind === "ssh-error" ? result.error : "",
@@ -978,18 +955,9 @@ Deno.test("hosts: with SSH_KEY_FILE set, the default keys are not looked for (./
 
 Deno.test("hosts: while the queue refuses a continuation, the message stays reserved: the hosts that succeeded never run again", async () => {
   const queue = await startTestQueue();
-  const sshd = {
-    host: "127.0.0.1",
-    port: 22,
-    user: "op",
-    dir: "/nonexistent",
-    clientKeyFile: "/nonexistent/key",
-  } as Sshd;
-  const config = configFor(sshd, "/dev/null", undefined, {
+  const config = offlineConfig({
     SSH_HOST: "10.0.0.1,10.0.0.2",
     TASK_MAX_ATTEMPTS: "2",
-    SSH_KEY_FILE: "",
-    SSH_AUTH_SOCK: "/tmp/agent",
   });
   const ran: string[] = [];
   const runner = {

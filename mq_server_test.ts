@@ -12,7 +12,7 @@ import {
   queueServerOptionsFromEnv,
   startQueueServer,
 } from "./mq_server.ts";
-import { needs, run } from "./test_sshd.ts";
+import { checkMetrics, needs, PROMTOOL, toolMissing } from "./test_sshd.ts";
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -1247,17 +1247,6 @@ Deno.test("queueServerOptionsFromEnv: defaults, values, and every bad variable n
 // ---------------------------------------------------------------------------
 // Metrics
 
-const PROMTOOL = "/usr/bin/promtool";
-
-function promtoolMissing(): string | undefined {
-  try {
-    Deno.statSync(PROMTOOL);
-    return undefined;
-  } catch {
-    return `${PROMTOOL} not found (apt-get install prometheus)`;
-  }
-}
-
 async function scrape(
   url: string,
   headers: Record<string, string> = {},
@@ -1387,7 +1376,7 @@ Deno.test("metrics: messages per queue by state, and requests per route and stat
 Deno.test({
   name:
     "metrics: promtool check metrics accepts a scrape, odd queue names included",
-  ...needs(promtoolMissing(), "promtool check metrics"),
+  ...needs(toolMissing(PROMTOOL, "prometheus"), "promtool check metrics"),
   fn: async () => {
     await withServer(async (api, server) => {
       const odd = 'say "hi" \\ ünïcode';
@@ -1396,7 +1385,7 @@ Deno.test({
       await api.reserve(encodeURIComponent(odd));
       await scrape(server.url); // so the next one counts a scrape too
       const text = await scrape(server.url);
-      await run(PROMTOOL, ["check", "metrics"], { stdin: text });
+      await checkMetrics(text);
       const queues = samples(text, "ironmq_queue_messages");
       assert.equal(
         queues[

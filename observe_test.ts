@@ -5,34 +5,26 @@
  */
 import assert from "node:assert/strict";
 import {
+  checkMetrics,
   freePort,
   needs,
+  PROMTOOL,
   type Sshd,
   sshdMissing,
   sshEnv,
   startSshd,
+  toolMissing,
 } from "./test_sshd.ts";
-import { spawnCollecting, until } from "./test_support.ts";
-
-const PROMTOOL = "/usr/bin/promtool";
+import { baseEnv, spawnCollecting, until } from "./test_support.ts";
 
 function promtoolMissing(): string | undefined {
-  try {
-    Deno.statSync(PROMTOOL);
-    return sshdMissing();
-  } catch {
-    return `${PROMTOOL} not found (apt-get install prometheus)`;
-  }
+  return toolMissing(PROMTOOL, "prometheus") ?? sshdMissing();
 }
 
 /** The worker with its listener, as `deno task start` runs it. */
 function startWorker(sshd: Sshd, httpPort: number, mqPort: number) {
   return spawnCollecting("deno", ["task", "start"], {
-    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-    HOME: sshd.dir,
-    DENO_DIR: Deno.env.get("DENO_DIR") ??
-      `${Deno.env.get("HOME")}/.cache/deno`,
-    NO_COLOR: "1",
+    ...baseEnv(sshd.dir),
     ...sshEnv(sshd),
     MQ_DB: ":memory:",
     MQ_PORT: String(mqPort),
@@ -124,22 +116,7 @@ Deno.test({
         3,
         "no other outcome counted",
       );
-      const check = await new Deno.Command(PROMTOOL, {
-        args: ["check", "metrics"],
-        stdin: "piped",
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
-      const writer = check.stdin.getWriter();
-      await writer.write(new TextEncoder().encode(metrics));
-      await writer.close();
-      const checked = await check.output();
-      assert.equal(
-        checked.code,
-        0,
-        new TextDecoder().decode(checked.stdout) +
-          new TextDecoder().decode(checked.stderr),
-      );
+      await checkMetrics(metrics);
 
       // Readiness follows the only host: down when its sshd stops, up again after.
       assert.equal((await get(`${base}/readyz`)).status, 200);

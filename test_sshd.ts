@@ -41,6 +41,23 @@ export function needs(missing: string | undefined, what: string) {
   return { ignore: skip };
 }
 
+/** Why a tool is not here (`apt-get install pkg`), or undefined when it is. */
+export function toolMissing(path: string, pkg: string): string | undefined {
+  try {
+    Deno.statSync(path);
+    return undefined;
+  } catch {
+    return `${path} not found (apt-get install ${pkg})`;
+  }
+}
+
+export const PROMTOOL = "/usr/bin/promtool";
+
+/** Throws, with promtool's words, unless `promtool check metrics` finds the text clean. */
+export function checkMetrics(text: string): Promise<string> {
+  return run(PROMTOOL, ["check", "metrics"], { stdin: text });
+}
+
 export async function run(
   cmd: string,
   args: string[],

@@ -477,3 +477,38 @@ export function startQueueProxy(
   })();
   return proxy;
 }
+
+/** A command's environment: a home of its own (so no iron.json of the machine's is read), Deno's cache. */
+export function baseEnv(home: string): Record<string, string> {
+  return {
+    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+    HOME: home,
+    DENO_DIR: Deno.env.get("DENO_DIR") ??
+      `${Deno.env.get("HOME")}/.cache/deno`,
+    NO_COLOR: "1",
+  };
+}
+
+/**
+ * A temporary folder with `catalog` as its tasks.yaml, a queue server for
+ * my_queue, and the environment that points `deno task send` or `dlq` at both.
+ */
+export async function withCatalogQueue(
+  catalog: string,
+  fn: (q: TestQueue, env: Record<string, string>, dir: string) => Promise<void>,
+): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "tasks-test-" });
+  const q = await startTestQueue({}, "local", "my_queue");
+  try {
+    await Deno.writeTextFile(`${dir}/tasks.yaml`, catalog);
+    const env = {
+      ...baseEnv(dir),
+      MQ_PORT: new URL(q.server.url).port,
+      TASKS_FILE: `${dir}/tasks.yaml`,
+    };
+    await fn(q, env, dir);
+  } finally {
+    await q.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+}

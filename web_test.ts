@@ -14,7 +14,16 @@ import {
   Secrets,
 } from "./tasks.ts";
 import { Monitor, type ServeOptions } from "./web.ts";
-import { freePort, needs, sshdMissing, sshEnv, withSshd } from "./test_sshd.ts";
+import {
+  checkMetrics,
+  freePort,
+  needs,
+  PROMTOOL,
+  sshdMissing,
+  sshEnv,
+  toolMissing,
+  withSshd,
+} from "./test_sshd.ts";
 import {
   REPO,
   spawnCollecting,
@@ -23,17 +32,6 @@ import {
 } from "./test_support.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
-const PROMTOOL = "/usr/bin/promtool";
-
-function toolMissing(path: string, pkg: string): string | undefined {
-  try {
-    Deno.statSync(path);
-    return undefined;
-  } catch {
-    return `${path} not found (apt-get install ${pkg})`;
-  }
-}
-
 const browserTest = needs(
   toolMissing(CHROMIUM, "chromium"),
   "the browser tests",
@@ -915,23 +913,6 @@ function samples(text: string): Map<string, number> {
   return found;
 }
 
-/** Fails unless `promtool check metrics` finds the text clean. */
-async function promtoolCheck(text: string): Promise<void> {
-  const check = new Deno.Command(PROMTOOL, {
-    args: ["check", "metrics"],
-    stdin: "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const writer = check.stdin.getWriter();
-  await writer.write(new TextEncoder().encode(text));
-  await writer.close();
-  const checked = await check.output();
-  const said = new TextDecoder().decode(checked.stdout) +
-    new TextDecoder().decode(checked.stderr);
-  assert.equal(checked.code, 0, `promtool: ${said}\n${text}`);
-}
-
 Deno.test({
   name:
     "web: /metrics passes promtool check metrics and counts exactly the calls made",
@@ -989,7 +970,7 @@ Deno.test({
         reply.headers.get("content-type") ?? "",
         /^text\/plain; version=0\.0\.4/,
       );
-      await promtoolCheck(reply.body);
+      await checkMetrics(reply.body);
 
       const values = samples(reply.body);
       const ours = new Map(
@@ -1202,7 +1183,7 @@ Deno.test({
         const ready = await get(`${url}/readyz`);
         assert.equal(`${ready.status} ${ready.body}`, "200 ready\n");
         const text = (await get(`${url}/metrics`)).body;
-        await promtoolCheck(text);
+        await checkMetrics(text);
         const metrics = samples(text);
         assert.equal(
           metrics.get(
