@@ -183,7 +183,7 @@ export class Monitor {
     this.sshErrors = new Counter({
       name: "tasks_ssh_errors_total",
       help:
-        "SSH failures, by host and kind (connect, auth, host_key, dropped, exec).",
+        "SSH failures, by host and kind (connect, timeout, auth, host_key, dropped, exec).",
       labelNames: ["host", "kind"],
       registers,
     });
