@@ -88,6 +88,14 @@ function offlineConfig(env: Env = {}, catalog?: string): Config {
   });
 }
 
+/** Stops each sshd and removes its folder. */
+async function removeSshd(...servers: Sshd[]): Promise<void> {
+  for (const server of servers) {
+    await server.stop();
+    await Deno.remove(server.dir, { recursive: true });
+  }
+}
+
 /** What a command's run needs when its output does not matter. */
 function quietIo() {
   return {
@@ -366,8 +374,7 @@ tasks:
     } finally {
       await worker.stop();
       await queue.close();
-      await sshd.stop();
-      await Deno.remove(sshd.dir, { recursive: true });
+      await removeSshd(sshd);
     }
   },
 });
@@ -481,10 +488,7 @@ tasks:
     } finally {
       await worker.stop();
       await queue.close();
-      await sshd.stop();
-      await impostor.stop();
-      await Deno.remove(sshd.dir, { recursive: true });
-      await Deno.remove(impostor.dir, { recursive: true });
+      await removeSshd(sshd, impostor);
     }
   },
 });
@@ -602,10 +606,7 @@ Deno.test({
       }
     }
     await queue.close();
-    await target.stop();
-    await jump.stop();
-    await Deno.remove(target.dir, { recursive: true });
-    await Deno.remove(jump.dir, { recursive: true });
+    await removeSshd(target, jump);
   },
 });
 
@@ -652,8 +653,7 @@ Deno.test({
       assert.equal(connected(), 2);
     } finally {
       hosts.close();
-      await sshd.stop();
-      await Deno.remove(sshd.dir, { recursive: true });
+      await removeSshd(sshd);
     }
   },
 });
@@ -701,8 +701,7 @@ Deno.test({
     } finally {
       allDown.hosts.close();
       oneUp.hosts.close();
-      await sshd.stop();
-      await Deno.remove(sshd.dir, { recursive: true });
+      await removeSshd(sshd);
     }
   },
 });
@@ -834,8 +833,7 @@ tasks:
     } finally {
       await worker.stop();
       await queue.close();
-      await sshd.stop();
-      await Deno.remove(sshd.dir, { recursive: true });
+      await removeSshd(sshd);
     }
   },
 });
@@ -932,8 +930,7 @@ Deno.test({
       );
     } finally {
       hosts.close();
-      await sshd.stop();
-      await Deno.remove(sshd.dir, { recursive: true });
+      await removeSshd(sshd);
     }
   },
 });

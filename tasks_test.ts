@@ -884,6 +884,12 @@ class FakeRunner implements CommandRunner {
   close(): void {}
 }
 
+/** A command that runs until it is stopped. */
+const untilAborted = (io: RunIo): Promise<RunResult> =>
+  new Promise((resolve) =>
+    io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
+  );
+
 const exit = (code: number): Promise<RunResult> =>
   Promise.resolve({ kind: "exit", code });
 
@@ -1070,9 +1076,7 @@ Deno.test("worker: on stop, a command that outlives the grace period is stopped 
         setTimeout(() => resolve({ kind: "exit", code: 0 }), 300)
       );
     }
-    return new Promise((resolve) =>
-      io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
-    );
+    return untilAborted(io);
   });
   const w = startWorker(h, runner, { shutdownGraceMs: 800 });
   await h.post([
@@ -1338,11 +1342,7 @@ Deno.test({
 
 Deno.test("worker: on stop, reserved messages that have not started go back at once", async () => {
   const h = await harness();
-  const runner = new FakeRunner((_, io) =>
-    new Promise((resolve) =>
-      io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
-    )
-  );
+  const runner = new FakeRunner((_, io) => untilAborted(io));
   const w = startWorker(h, runner, { concurrency: 1, shutdownGraceMs: 100 });
   try {
     await h.post(["first", "second", "third"]);
@@ -2436,11 +2436,7 @@ Deno.test({
 
 Deno.test("worker: after a stop, no waiting message starts, even when a processor frees up", async () => {
   const h = await harness();
-  const runner = new FakeRunner((_, io) =>
-    new Promise((resolve) =>
-      io.signal.addEventListener("abort", () => resolve({ kind: "aborted" }))
-    )
-  );
+  const runner = new FakeRunner((_, io) => untilAborted(io));
   const w = startWorker(h, runner, { concurrency: 2, shutdownGraceMs: 100 });
   try {
     await h.post(["1", "2", "3", "4", "5", "6"]);
