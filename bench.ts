@@ -1630,10 +1630,11 @@ async function measureHosts(rig: Rig, sizes: Sizes): Promise<HostsFanOut> {
       pssh: pssh === undefined
         ? { skipped: "parallel-ssh not found (apt-get install pssh)" }
         : [],
-      ansible: ansible === undefined
-        ? { skipped: "ansible not found (apt-get install ansible-core)" }
-        : sizes.ansible === 0
+      // Not asked for comes first: whether it is installed does not matter then.
+      ansible: sizes.ansible === 0
         ? { skipped: "not run (--ansible=0)" }
+        : ansible === undefined
+        ? { skipped: "ansible not found (apt-get install ansible-core)" }
         : [],
     };
     // Cold runs in rounds, each contender once a round, so drift hits all alike.
