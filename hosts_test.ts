@@ -594,9 +594,9 @@ Deno.test({
           "true",
           quietIo(),
         );
-        assert.equal(result.kind, "ssh-error");
+        assert.equal(result.kind, "unreachable");
         assert.match(
-          result.kind === "ssh-error" ? result.error : "",
+          result.kind === "unreachable" ? result.error : "",
           bad === "jump"
             ? /HOST KEY MISMATCH for \[127\.0\.0\.1\]/
             : /HOST KEY MISMATCH for \[127\.0\.0\.6\]/,
@@ -696,7 +696,7 @@ Deno.test({
       await oneUp.hosts.ready(AbortSignal.timeout(10_000));
       const [first] = oneUp.config.task.hosts;
       const result = await oneUp.hosts.run(first, "true", io);
-      assert.equal(result.kind, "ssh-error");
+      assert.equal(result.kind, "unreachable");
       assert.equal(oneUp.hosts.reachable(), true);
     } finally {
       allDown.hosts.close();
@@ -923,9 +923,9 @@ Deno.test({
     );
     try {
       const result = await hosts.run(config.task.hosts[0], "true", quietIo());
-      assert.equal(result.kind, "ssh-error");
+      assert.equal(result.kind, "unreachable");
       assert.match(
-        result.kind === "ssh-error" ? result.error : "",
+        result.kind === "unreachable" ? result.error : "",
         /^jump host \S+@127\.0\.0\.1:\d+: connection refused/,
       );
     } finally {

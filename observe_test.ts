@@ -15,7 +15,7 @@ import {
   startSshd,
   toolMissing,
 } from "./test_sshd.ts";
-import { baseEnv, spawnCollecting, until } from "./test_support.ts";
+import { baseEnv, sample, spawnCollecting, until } from "./test_support.ts";
 
 function promtoolMissing(): string | undefined {
   return toolMissing(PROMTOOL, "prometheus") ?? sshdMissing();
@@ -38,12 +38,6 @@ function startWorker(sshd: Sshd, httpPort: number, mqPort: number) {
 async function get(url: string): Promise<{ status: number; text: string }> {
   const response = await fetch(url);
   return { status: response.status, text: await response.text() };
-}
-
-/** One sample's value from Prometheus text, or undefined when absent. */
-function sample(metrics: string, name: string): number | undefined {
-  const line = metrics.split("\n").find((l) => l.startsWith(`${name} `));
-  return line === undefined ? undefined : Number(line.split(" ").pop());
 }
 
 Deno.test({

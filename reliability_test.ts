@@ -13,6 +13,10 @@ import {
 } from "./tasks.ts";
 import type { QueueServerOptions } from "./mq_server.ts";
 import {
+  childPids,
+  crashSessions,
+  endOrphans,
+  freePort,
   keygen,
   killChildren,
   needs,
@@ -30,6 +34,7 @@ import {
   mulberry32,
   type QueueProxy,
   REPO,
+  sample,
   sleep,
   spawnCollecting,
   startQueueProxy,
@@ -924,4 +929,159 @@ Deno.test({
       assert.equal((await child.status).code, 0);
       assert.match(output, /^stopped$/m);
     }),
+});
+
+// ---------------------------------------------------------------------------
+// 6. Sessions that never open are never attempts
+// ---------------------------------------------------------------------------
+
+Deno.test({
+  name:
+    "reliability: sshd's session processes killed while its listener comes back: every message posted afterwards runs once, none dead-lettered (TASK_MAX_ATTEMPTS=1)",
+  ...sshdTest,
+  fn: async () => {
+    let sshd = await startSshd();
+    const { dir } = sshd;
+    const queue = await startQueue();
+    const command = await recorder(dir);
+    let orphans: number[] = [];
+    const httpPort = freePort();
+    // Eight at once: two pooled connections of four channels.
+    const worker = spawnWorker(
+      workerEnv(sshd, queue.server.url, {
+        TASK_COMMAND: `${command} r 0.05`,
+        TASK_CONCURRENCY: "8",
+        TASK_MAX_ATTEMPTS: "1",
+        TASK_HTTP_PORT: String(httpPort),
+      }),
+    );
+    const metrics = () =>
+      fetch(`http://127.0.0.1:${httpPort}/metrics`).then((r) => r.text());
+    const host = `{host="${sshd.host}"}`;
+    const warm = Array.from({ length: 12 }, (_, i) => `w${i}`);
+    const after = Array.from({ length: 6 }, (_, i) => `a${i}`);
+    let events: RunEvent[] = [];
+    let dead: StoredMessage[] = [];
+    try {
+      await queue.post(argsBodies(warm));
+      await until(
+        "the first twelve done",
+        async () => await allDone(dir, warm) && await queue.size() === 0,
+      );
+      assert.equal(
+        worker.lines.filter((l) => /: connected$/.test(l)).length,
+        2,
+        worker.lines.join("\n"),
+      );
+      ({ sshd, orphans } = await crashSessions(sshd));
+      await queue.post(argsBodies(after));
+      await until(
+        () => `the six posted afterwards done:\n${worker.lines.join("\n")}`,
+        async () => await allDone(dir, after) && await queue.size() === 0,
+        30_000,
+      );
+      dead = await queue.peek(`${QUEUE}_failed`);
+      // The gauge counts the connections sshd now has: none of the old ones.
+      const serving = sshd.pid;
+      let seen = "";
+      await until(
+        () => `tasks_ssh_connections is sshd's count:\n${seen}`,
+        async () =>
+          sample(seen = await metrics(), `tasks_ssh_connections${host}`) ===
+            childPids(serving).length,
+      );
+      const text = await metrics();
+      assert.ok(
+        (sample(
+          text,
+          `tasks_ssh_errors_total{host="${sshd.host}",kind="exec"}`,
+        ) ??
+          0) >= 1,
+        text,
+      );
+      assert.equal(
+        sample(
+          text,
+          `tasks_ssh_errors_total{host="${sshd.host}",kind="dropped"}`,
+        ),
+        undefined,
+        text,
+      );
+      assert.equal(
+        (await fetch(`http://127.0.0.1:${httpPort}/readyz`)).status,
+        200,
+      );
+      assert.equal(worker.exited(), false, worker.lines.join("\n"));
+    } finally {
+      await worker.stop();
+      await sshd.stop();
+      endOrphans(orphans);
+      await queue.close();
+      events = await readEvents(dir);
+      await Deno.remove(dir, { recursive: true });
+    }
+    const log = worker.lines.join("\n");
+    assert.deepEqual(dead, [], `nothing dead-lettered:\n${log}`);
+    const starts = byId(events, "start");
+    for (const id of after) {
+      assert.equal(starts.get(id)?.length, 1, `${id} ran once:\n${log}`);
+    }
+    assert.match(log, /a session would not open/, "the crash was met");
+    assert.doesNotMatch(log, /dropped while the command was running/);
+    assert.doesNotMatch(log, /not started:|released for a retry/);
+  },
+});
+
+Deno.test({
+  name:
+    "reliability: the host gone and back: nothing dead-lettered, and every message posted meanwhile runs once after it returns (TASK_MAX_ATTEMPTS=1)",
+  ...sshdTest,
+  fn: async () => {
+    let sshd = await startSshd();
+    const { dir, port } = sshd;
+    const queue = await startQueue();
+    const command = await recorder(dir);
+    const worker = spawnWorker(
+      workerEnv(sshd, queue.server.url, {
+        TASK_COMMAND: `${command} r 0.05`,
+        TASK_CONCURRENCY: "8",
+        TASK_MAX_ATTEMPTS: "1",
+      }),
+    );
+    const before = Array.from({ length: 8 }, (_, i) => `b${i}`);
+    const meanwhile = Array.from({ length: 6 }, (_, i) => `m${i}`);
+    let events: RunEvent[] = [];
+    let dead: StoredMessage[] = [];
+    try {
+      await queue.post(argsBodies(before));
+      await until(
+        "the first eight done",
+        async () => await allDone(dir, before) && await queue.size() === 0,
+      );
+      await crash(sshd);
+      await queue.post(argsBodies(meanwhile));
+      await worker.line(/cannot connect: connection refused/);
+      sshd = await startSshd({ dir, port });
+      await until(
+        () =>
+          `the six done after the host returned:\n${worker.lines.join("\n")}`,
+        async () => await allDone(dir, meanwhile) && await queue.size() === 0,
+        60_000,
+      );
+      dead = await queue.peek(`${QUEUE}_failed`);
+      assert.equal(worker.exited(), false, worker.lines.join("\n"));
+    } finally {
+      await worker.stop();
+      await sshd.stop();
+      await queue.close();
+      events = await readEvents(dir);
+      await Deno.remove(dir, { recursive: true });
+    }
+    const log = worker.lines.join("\n");
+    assert.deepEqual(dead, [], `nothing dead-lettered:\n${log}`);
+    const starts = byId(events, "start");
+    for (const id of meanwhile) {
+      assert.equal(starts.get(id)?.length, 1, `${id} ran once:\n${log}`);
+    }
+  },
 });

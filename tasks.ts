@@ -466,14 +466,15 @@ export class Worker {
       }
     }
     if (failed.length === 0) return this.settler.delete(held);
-    // Nothing ran anywhere, in a stop or while no host can be reached: not
-    // an attempt. A host that cannot be reached while others can is that
-    // host's failure, counted like a failed command.
+    // Nothing started anywhere, in a stop or while no host can be reached:
+    // not an attempt. A host that cannot be reached while others can is that
+    // host's failure, counted like a failed command; so is a command whose
+    // connection was lost after it started (it may have run).
     const stopped = failed.some((r) => r.result.kind === "aborted");
     if (
       failed.length === runs.length &&
       failed.every((r) =>
-        r.result.kind === "aborted" || r.result.kind === "ssh-error"
+        r.result.kind === "aborted" || r.result.kind === "unreachable"
       ) &&
       (stopped || !this.deps.runner.reachable())
     ) {
@@ -666,6 +667,11 @@ function logEnd(
         `${prefix} stopped by shutdown (message ${id}, ${took})`,
         about,
       );
+    case "unreachable":
+      return log.error(
+        `${prefix} not started: ${result.error} (message ${id})`,
+        about,
+      );
     case "ssh-error":
       return log.error(
         `${prefix} ssh error: ${result.error} (message ${id})`,
@@ -685,6 +691,7 @@ function briefly(result: RunResult, limit: string): string {
       return `timed out after ${limit}`;
     case "aborted":
       return "stopped by shutdown";
+    case "unreachable":
     case "ssh-error":
       // Its first words: the host's own line has the whole of it.
       return `ssh: ${
@@ -707,7 +714,7 @@ function failureOf(
         ? `exit status ${result.code}`
         : result.kind === "timeout"
         ? `timed out after ${limit} (${limitSource})`
-        : result.kind === "ssh-error"
+        : result.kind === "ssh-error" || result.kind === "unreachable"
         ? `ssh: ${result.error}`
         : briefly(result, limit),
       exitStatus: result.kind === "exit"
@@ -1026,7 +1033,7 @@ class Settler {
           stderr: run.stderr.truncated ||
             run.stderr.toString().length > tailChars,
         },
-        error: result.kind === "ssh-error"
+        error: result.kind === "ssh-error" || result.kind === "unreachable"
           ? mask(result.error)
           : result.kind === "timeout"
           ? "timed out"
@@ -4804,7 +4811,19 @@ export type RunResult =
   | { kind: "signal"; signal: string }
   | { kind: "timeout" }
   | { kind: "aborted" }
+  /** The command never started there: no connection, or no session would open. */
+  | { kind: "unreachable"; error: string }
+  /** The command started, then SSH failed under it: it may have run. */
   | { kind: "ssh-error"; error: string };
+
+/** An exec whose session never opened: the command did not start, so it may be tried again. */
+interface Unopened {
+  kind: "unopened";
+  error: string;
+}
+
+/** Connections a command is tried on when a session will not open (within SSH_CONNECT_TIMEOUT). */
+const SESSION_TRIES = 3;
 
 export interface RunIo {
   onStdout(chunk: Uint8Array): void;
@@ -5041,18 +5060,50 @@ class HostPool {
     this.where = hostKey(host);
   }
 
+  /**
+   * Runs a command on a pooled connection. A session that never opens there
+   * (sshd's session processes gone while the connection still answers
+   * keepalives, a refused channel, a close before the exec was accepted) has
+   * run nothing: the connections are retired and the command goes on at once
+   * on a fresh one, a few times within SSH_CONNECT_TIMEOUT; after that the
+   * host is unreachable, as if it had refused the connection.
+   */
   async run(command: string, io: RunIo): Promise<RunResult> {
-    let connection: Connection;
-    try {
-      connection = await this.acquire();
-    } catch (e) {
+    const deadline = Date.now() + this.settings.ssh.connectTimeoutMs;
+    for (let tries = 1;; tries++) {
+      let connection: Connection;
+      try {
+        connection = await this.acquire();
+      } catch (e) {
+        if (io.signal.aborted) return { kind: "aborted" };
+        return { kind: "unreachable", error: errorText(e) };
+      }
+      let result: RunResult | Unopened;
+      try {
+        result = await this.exec(connection, command, io);
+      } finally {
+        this.release(connection);
+      }
+      if (result.kind !== "unopened") return result;
+      this.settings.monitor?.sshError(this.host.name, "exec");
+      this.retireAll();
       if (io.signal.aborted) return { kind: "aborted" };
-      return { kind: "ssh-error", error: errorText(e) };
-    }
-    try {
-      return await this.exec(connection, command, io);
-    } finally {
-      this.release(connection);
+      if (tries >= SESSION_TRIES || Date.now() >= deadline) {
+        const error =
+          `cannot open a session (${result.error}; tried ${tries} connection(s)): nothing ran`;
+        if (!this.settings.jump) {
+          this.hosts.connected(this.host, error);
+          this.settings.monitor?.hostState(
+            this.host.name,
+            "unreachable",
+            error,
+          );
+        }
+        return { kind: "unreachable", error };
+      }
+      this.settings.log.warn(
+        `ssh ${this.where}: a session would not open (${result.error}); the command did not start: trying it on a new connection`,
+      );
     }
   }
 
@@ -5117,8 +5168,30 @@ class HostPool {
   release = (connection: Connection): void => {
     connection.active--;
     this.slotWaiters.shift()?.();
+    // Retired while this command ran on it: it ends with its last command.
+    if (connection.closed && connection.active === 0) connection.client.end();
     this.closeWhenIdle(connection);
   };
+
+  /**
+   * Takes every connection out of the pool: a session failed to open on one,
+   * and the others were opened to the same sshd, so they may be as broken
+   * (a connection whose session processes died still answers keepalives).
+   * Idle ones end now; busy ones once their running commands have ended.
+   * The next command opens a new connection.
+   */
+  private retireAll(): void {
+    if (this.connections.length === 0) return;
+    this.settings.log.info(
+      `ssh ${this.where}: retiring ${this.connections.length} connection(s) after a session would not open`,
+    );
+    for (const connection of this.connections.splice(0)) {
+      connection.closed = true; // no command takes it again
+      clearTimeout(connection.idleTimer);
+      if (connection.active === 0) connection.client.end();
+    }
+    this.counted();
+  }
 
   /** Unused from now on (a slot taken in time clears it): closed after SSH_IDLE_TIMEOUT. */
   private closeWhenIdle(connection: Connection): void {
@@ -5365,11 +5438,16 @@ class HostPool {
     }
   }
 
+  /**
+   * Runs one command on `connection`. Until sshd has accepted the exec, a
+   * failure means nothing started there (`unopened`); after that, a lost
+   * connection is an `ssh-error`: the command may have run.
+   */
   private exec(
     connection: Connection,
     command: string,
     io: RunIo,
-  ): Promise<RunResult> {
+  ): Promise<RunResult | Unopened> {
     return new Promise((resolve) => {
       let channel: ClientChannel | undefined;
       let outcome: RunResult | undefined;
@@ -5377,7 +5455,7 @@ class HostPool {
       let killTimer: ReturnType<typeof setTimeout> | undefined;
       let timeoutTimer: ReturnType<typeof setTimeout> | undefined;
 
-      const finish = (result: RunResult) => {
+      const finish = (result: RunResult | Unopened) => {
         clearTimeout(timeoutTimer);
         clearTimeout(killTimer);
         io.signal.removeEventListener("abort", onAbort);
@@ -5403,6 +5481,12 @@ class HostPool {
       };
       const onAbort = () => stop("aborted");
       const onDrop = () => {
+        if (channel === undefined) {
+          return finish({
+            kind: "unopened",
+            error: "the connection closed before the command started",
+          });
+        }
         this.settings.monitor?.sshError(this.host.name, "dropped");
         finish({
           kind: "ssh-error",
@@ -5414,16 +5498,12 @@ class HostPool {
       connection.client.once("close", onDrop);
       io.signal.addEventListener("abort", onAbort, { once: true });
       // ssh2 throws "Not connected" at once when the socket has ended but
-      // its close event has not come yet: an SSH error, not a crash.
+      // its close event has not come yet: nothing started, not a crash.
       try {
         connection.client.exec(command, (err, ch) => {
-          if (err) {
-            this.settings.monitor?.sshError(this.host.name, "exec");
-            return finish({
-              kind: "ssh-error",
-              error: `${this.where}: cannot start the command: ${err.message}`,
-            });
-          }
+          // Channel open refused, exec refused, or the connection closed
+          // first ("No response from server"): nothing started.
+          if (err) return finish({ kind: "unopened", error: err.message });
           channel = ch;
           ch.on("data", (chunk: Uint8Array) => io.onStdout(chunk));
           ch.stderr.on("data", (chunk: Uint8Array) => io.onStderr(chunk));
@@ -5452,11 +5532,7 @@ class HostPool {
           }
         });
       } catch (e) {
-        this.settings.monitor?.sshError(this.host.name, "exec");
-        finish({
-          kind: "ssh-error",
-          error: `${this.where}: cannot start the command: ${errorText(e)}`,
-        });
+        finish({ kind: "unopened", error: errorText(e) });
       }
     });
   }

@@ -49,6 +49,8 @@ import {
 } from "./mq_server.ts";
 import {
   childPids,
+  crashSessions,
+  endOrphans,
   freePort,
   keygen,
   killChildren,
@@ -57,6 +59,7 @@ import {
   type Sshd,
   sshdMissing,
   sshEnv,
+  startSshd,
   withSshd,
 } from "./test_sshd.ts";
 import {
@@ -66,6 +69,7 @@ import {
   REPO,
   spawnCollecting,
   startTestQueue,
+  type StoredMessage,
   type TestQueue,
   until,
 } from "./test_support.ts";
@@ -773,7 +777,7 @@ Deno.test({
       try {
         await assert.rejects(pool.ready(AbortSignal.timeout(1_500)));
         const { result } = await runCollect(pool, `touch ${marker}`);
-        assert.equal(result.kind, "ssh-error");
+        assert.equal(result.kind, "unreachable");
         await assert.rejects(Deno.stat(marker), Deno.errors.NotFound);
         assert.match(
           log.lines.join("\n"),
@@ -852,6 +856,99 @@ Deno.test({
         pool.close();
       }
     }),
+});
+
+Deno.test({
+  name:
+    "ssh: a session that will not open (sshd's session processes gone, the connections alive) starts nothing there; the command runs once on a fresh connection",
+  ...sshdTest,
+  async fn() {
+    let sshd = await startSshd();
+    const log = memoryLog();
+    // Eight at once: two connections of four channels.
+    const pool = poolFor(sshd, log, {}, 8);
+    let orphans: number[] = [];
+    const shared = await Deno.makeTempDir();
+    await Deno.chmod(shared, 0o777); // the remote user writes the markers
+    try {
+      const warm = await Promise.all(
+        Array.from({ length: 8 }, () => runCollect(pool, "sleep 0.2")),
+      );
+      assert.deepEqual(warm.map((r) => r.result.kind), Array(8).fill("exit"));
+      assert.equal(log.lines.filter((l) => /: connected$/.test(l)).length, 2);
+      ({ sshd, orphans } = await crashSessions(sshd));
+      assert.ok(
+        orphans.length === 2 && orphans.every((p) => childPids(1).includes(p)),
+        `both connections' network halves live on: ${orphans}`,
+      );
+
+      const runs = await Promise.all(
+        Array.from(
+          { length: 6 },
+          (_, i) =>
+            runCollect(pool, `echo ${i} >> ${shared}/ran; echo ran ${i}`),
+        ),
+      );
+      assert.deepEqual(
+        runs.map((r) => [r.result, r.stdout]),
+        Array.from({ length: 6 }, (_, i) => [
+          { kind: "exit", code: 0 },
+          `ran ${i}\n`,
+        ]),
+      );
+      const ran = (await Deno.readTextFile(`${shared}/ran`)).split("\n")
+        .filter((l) => l !== "").sort();
+      assert.deepEqual(ran, ["0", "1", "2", "3", "4", "5"], "each ran once");
+      const text = log.lines.join("\n");
+      assert.match(
+        text,
+        /a session would not open .*the command did not start/,
+      );
+      assert.match(
+        text,
+        /retiring \d connection\(s\) after a session would not open/,
+      );
+      assert.doesNotMatch(text, /dropped while the command was running/);
+      assert.ok(
+        log.lines.filter((l) => /: connected$/.test(l)).length >= 3,
+        `a fresh connection:\n${text}`,
+      );
+      assert.equal(pool.reachable(), true);
+    } finally {
+      pool.close();
+      await sshd.stop();
+      endOrphans(orphans);
+      await Deno.remove(sshd.dir, { recursive: true });
+      await Deno.remove(shared, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "ssh: a host that accepts connections but opens no session is unreachable after a few fresh connections, and nothing ran",
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const log = memoryLog();
+      const pool = poolFor(sshd, log);
+      const marker = `${sshd.dir}/ran`;
+      try {
+        await pool.ready(AbortSignal.timeout(10_000));
+        const { result } = await runCollect(pool, `touch ${marker}`);
+        assert.equal(result.kind, "unreachable");
+        assert.match(
+          result.kind === "unreachable" ? result.error : "",
+          /^cannot open a session \(.*open failed.*; tried 3 connection\(s\)\): nothing ran$/,
+        );
+        await assert.rejects(Deno.stat(marker), Deno.errors.NotFound);
+        assert.equal(log.lines.filter((l) => /: connected$/.test(l)).length, 3);
+        // Unreachable, as a refused connection is: the worker holds back.
+        assert.equal(pool.reachable(), false);
+      } finally {
+        pool.close();
+      }
+    }, { config: ["MaxSessions 0"] }),
 });
 
 // ---------------------------------------------------------------------------
@@ -1048,7 +1145,7 @@ Deno.test("worker: a body whose args are invalid runs nothing and goes to the de
 Deno.test("worker: SSH failures while no host can be reached release the message and never dead-letter it", async () => {
   const h = await harness();
   const runner = new FakeRunner(
-    () => Promise.resolve({ kind: "ssh-error", error: "connection refused" }),
+    () => Promise.resolve({ kind: "unreachable", error: "connection refused" }),
     false,
   );
   const w = startWorker(h, runner, { maxAttempts: 1 });
@@ -1061,6 +1158,36 @@ Deno.test("worker: SSH failures while no host can be reached release the message
   try {
     assert.equal((await h.peek("jobs_failed")).length, 0);
     assert.equal((await h.info()).size, 1, "still in the queue");
+  } finally {
+    await h.close();
+  }
+});
+
+Deno.test("worker: a command whose connection was lost after it started is an attempt, even while no host can be reached", async () => {
+  const h = await harness();
+  // It may have run (a reboot takes its own connection down): never silently again.
+  const runner = new FakeRunner(
+    () =>
+      Promise.resolve({
+        kind: "ssh-error",
+        error: "connection to x dropped while the command was running",
+      }),
+    false,
+  );
+  const w = startWorker(h, runner, { maxAttempts: 1 });
+  let dead: StoredMessage[] = [];
+  try {
+    await h.post(["x"]);
+    await until(
+      "dead-lettered after its one attempt",
+      async () => (dead = await h.peek("jobs_failed")).length === 1,
+    );
+  } finally {
+    await w.stop();
+  }
+  try {
+    assert.equal(runner.commands.length, 1);
+    assert.match(JSON.parse(dead[0].body).reason, /dropped while the command/);
   } finally {
     await h.close();
   }

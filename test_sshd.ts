@@ -158,6 +158,42 @@ export function killChildren(pid: number, signal: Deno.Signal = "SIGKILL") {
   }
 }
 
+/**
+ * sshd's session side crashed while its listener came back at once: every
+ * per-connection monitor process (`sshd: user [priv]`) is killed and the
+ * listener restarted on the same port. The connections' network halves live
+ * on, reparented, still answering keepalives, but no session opens on them
+ * any more. Returns the new sshd and `orphans` (those halves), which
+ * `endOrphans` ends.
+ */
+export async function crashSessions(
+  sshd: Sshd,
+): Promise<{ sshd: Sshd; orphans: number[] }> {
+  Deno.kill(sshd.pid, "SIGSTOP"); // no new connection in between
+  const monitors = childPids(sshd.pid);
+  const orphans = monitors.flatMap(childPids);
+  for (const pid of monitors) Deno.kill(pid, "SIGKILL");
+  Deno.kill(sshd.pid, "SIGKILL");
+  await sshd.stop();
+  const restarted = await startSshd({
+    dir: sshd.dir,
+    port: sshd.port,
+    user: sshd.user,
+  });
+  return { sshd: restarted, orphans };
+}
+
+/** Ends what `crashSessions` left behind. */
+export function endOrphans(orphans: number[]): void {
+  for (const pid of orphans) {
+    try {
+      Deno.kill(pid, "SIGKILL");
+    } catch {
+      // gone already
+    }
+  }
+}
+
 /** A new ed25519 key pair at `path` (and `path`.pub); returns the public key line. */
 export async function keygen(path: string, passphrase = ""): Promise<string> {
   await run("ssh-keygen", [

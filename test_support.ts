@@ -59,6 +59,12 @@ export function fastClock(factor: number): () => number {
   return () => t0 + (Date.now() - t0) * factor;
 }
 
+/** One sample's value from Prometheus text, or undefined when absent. */
+export function sample(metrics: string, name: string): number | undefined {
+  const line = metrics.split("\n").find((l) => l.startsWith(`${name} `));
+  return line === undefined ? undefined : Number(line.split(" ").pop());
+}
+
 /** A log that keeps its lines for assertions. */
 export function memoryLog(): Log & { lines: string[] } {
   const lines: string[] = [];

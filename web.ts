@@ -580,6 +580,8 @@ function describeResult(result: RunResult): string {
       return "timed out";
     case "aborted":
       return "stopped";
+    case "unreachable":
+      return `not started: ${result.error}`;
     case "ssh-error":
       return `SSH error: ${result.error}`;
   }
