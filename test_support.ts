@@ -1,9 +1,9 @@
 /**
- * Helpers shared by the test files: waiting, seeded randomness, a fast server
- * clock, an in-memory log, child processes whose output lines are kept, the
- * embedded queue server with ways to look inside, and an HTTP proxy that puts
- * latency or faults between a worker and that server (the reliability test and
- * the bench's far-away queue rows).
+ * Helpers shared by the test files: waiting, seeded randomness, a fast or a
+ * jumping server clock, an in-memory log, child processes whose output lines
+ * are kept, the embedded queue server with ways to look inside, and an HTTP
+ * proxy that puts latency or faults between a worker and that server (the
+ * reliability test and the bench's far-away queue rows).
  */
 
 import { IronMqClient, LineSplitter, type Log } from "./tasks.ts";
@@ -57,6 +57,24 @@ export function mulberry32(seed: number): () => number {
 export function fastClock(factor: number): () => number {
   const t0 = Date.now();
   return () => t0 + (Date.now() - t0) * factor;
+}
+
+/**
+ * A server clock at real speed, as the worker's own is, that the test moves
+ * forward at once with `jump`: reservations lapse only when the test says
+ * (a killed worker's), never while a worker that touches them is alive.
+ */
+export function jumpingClock(): {
+  now: () => number;
+  jump: (ms: number) => void;
+} {
+  let offset = 0;
+  return {
+    now: () => Date.now() + offset,
+    jump: (ms) => {
+      offset += ms;
+    },
+  };
 }
 
 /** A log that keeps its lines for assertions. */
