@@ -763,9 +763,27 @@ type Owed =
   }
   | { kind: "posts"; status: Status; posts: Post[] };
 
+/** At most this many settled messages whose delete did not land are remembered. */
+const MAX_UNDELETED = 10_000;
+
+/** A message settled here, and its delete (in flight, or refused). */
+interface Undeleted {
+  status: Status;
+  deleting: Promise<DeleteOutcome>;
+  /** Reserved here again while that delete was in flight. */
+  reservedAgain?: boolean;
+}
+
 class Settler {
   private readonly pending = new Set<Promise<void>>();
   private readonly deletes: DeleteBatcher;
+  /**
+   * Messages whose outcome is final here (the command ran; its result,
+   * continuation or dead-letter record posted) while their delete is in flight
+   * or was refused (the reservation had lapsed, or the queue kept failing).
+   * Reserved here again, one is deleted, not run again. The oldest make room.
+   */
+  private readonly undeleted = new Map<string, Undeleted>();
 
   constructor(
     private readonly task: TaskConfig,
@@ -902,6 +920,26 @@ class Settler {
     this.pending.add(tracked);
   }
 
+  /**
+   * A message this worker settled, reserved by it again because its delete
+   * did not land: true when so, and then it is deleted under the new
+   * reservation (once the earlier delete's outcome is in), never run again.
+   */
+  settledBefore(held: Held): boolean {
+    const earlier = this.undeleted.get(held.message.id);
+    if (earlier === undefined) return false;
+    earlier.reservedAgain = true;
+    this.track(
+      held,
+      (async () => {
+        // The earlier delete may still be in flight: its refusal comes first.
+        await earlier.deleting;
+        await this.deleteSettled(held, earlier.status, true);
+      })(),
+    );
+    return true;
+  }
+
   /** What could not be posted before (a result, a continuation): posted now, then the delete. */
   resendPosts(held: Held, owed: Owed & { kind: "posts" }): void {
     this.track(
@@ -948,14 +986,47 @@ class Settler {
         } could not be posted yet`,
       );
     }
+    await this.deleteSettled(held, status);
+  }
+
+  /**
+   * Deletes a message whose outcome is final here (`again`: under a new
+   * reservation, after its delete did not land). Remembered until a delete
+   * lands, so that this worker's own reserve handing it back does not run it.
+   */
+  private async deleteSettled(
+    held: Held,
+    status: Status,
+    again = false,
+  ): Promise<void> {
     await held.keeper?.stop(); // its reservation id is final now
     const id = held.message.id;
     this.attempts.forget(id);
-    const outcome = await this.deletes.delete({
-      id,
-      reservation_id: held.reservationId,
-    });
-    if (outcome === "deleted") return;
+    const entry: Undeleted = {
+      status,
+      deleting: this.deletes.delete({
+        id,
+        reservation_id: held.reservationId,
+      }),
+    };
+    this.undeleted.delete(id); // re-inserted last: the newest
+    this.undeleted.set(id, entry);
+    if (this.undeleted.size > MAX_UNDELETED) {
+      this.undeleted.delete(this.undeleted.keys().next().value!);
+    }
+    const outcome = await entry.deleting;
+    if (outcome === "deleted" || outcome === "gone") {
+      if (this.undeleted.get(id) === entry) this.undeleted.delete(id);
+    }
+    if (outcome === "deleted") {
+      if (again) {
+        this.deps.log.info(
+          `message ${id}: reserved here again after its delete was refused; its ${status} outcome stands, so it is deleted under the new reservation, not run again`,
+          fieldsOf(held),
+        );
+      }
+      return;
+    }
     if (outcome === "gone") {
       // Most often our own earlier try landed and only its reply was lost.
       this.deps.log.info(
@@ -964,9 +1035,13 @@ class Settler {
       );
       return;
     }
+    // Reserved here again meanwhile: that reservation's delete tells the end.
+    if (entry.reservedAgain) return;
+    // Another worker may reserve it and run it; this one, reserving it again,
+    // deletes it (settledBefore).
     const why = outcome === "expired"
-      ? "its reservation had expired, so another reservation (another worker's, or this one's) may have it: it MAY RUN TWICE (not rerun here)"
-      : "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE";
+      ? "its reservation had expired, so another worker may reserve it: it MAY RUN TWICE there (if this worker reserves it again, it deletes it without running it)"
+      : "the queue kept failing; it will reappear when its reservation times out and MAY RUN TWICE on another worker (if this worker reserves it again, it deletes it without running it)";
     this.deps.log.warn(
       `message ${id}: ${
         status === "SUCCESS" ? "the command succeeded but " : ""
@@ -1406,6 +1481,8 @@ class Fetcher {
   private readonly roundTrips: number[] = [];
   /** When processors asked for messages (ms), newest last: their rate. */
   private readonly takes: number[] = [];
+  /** How many times processors asked, in all. */
+  private taken = 0;
   /** Shrinks after a reply too large to read, grows back after good ones. */
   private batch = 100;
   private changed?: () => void;
@@ -1489,6 +1566,7 @@ class Fetcher {
     // Once stopping, nothing new starts: what waits goes back to the queue.
     if (stop.aborted) return Promise.resolve(undefined);
     this.takes.push(this.deps.clock.now());
+    this.taken++;
     if (this.takes.length > 64) this.takes.shift();
     const held = this.ready.shift();
     if (held !== undefined) this.readyChars -= held.message.body.length;
@@ -1523,6 +1601,11 @@ class Fetcher {
 
   /** Messages the processors take per ms, over their last 64 takes. */
   private takeRate(): number {
+    // The first takes are the processors starting, all at once: a few ms
+    // apart, they would seem hundreds a second, and the first reserves would
+    // hold far more than the processors start within the reservation. There
+    // is a rate once one of them comes back for its next message.
+    if (this.taken <= this.task.concurrency) return 0;
     const span = this.takes[this.takes.length - 1] - this.takes[0];
     return this.takes.length > 1 && span > 0
       ? (this.takes.length - 1) / span
@@ -1621,6 +1704,9 @@ class Fetcher {
     };
     this.holding.set(message.id, held);
     this.deps.monitor?.held(this.holding.size);
+    // Settled here, but its delete was refused (its reservation had lapsed):
+    // deleted under this reservation, not run again, stop or no stop.
+    if (this.settler.settledBefore(held)) return;
     if (stop.aborted) {
       return this.settler.notRun(
         held,

@@ -64,6 +64,7 @@ import {
 } from "./test_sshd.ts";
 import {
   fastClock,
+  jumpingClock,
   memoryLog,
   mulberry32,
   REPO,
@@ -1652,6 +1653,133 @@ Deno.test("worker: a delete refused because the reservation expired is logged as
   assert.match(
     h.log.lines.join("\n"),
     /WARN message 1: the command succeeded but the delete did not: its reservation had expired/,
+  );
+});
+
+/**
+ * The crash-safety test's lapse, step by step: a message this worker ran whose
+ * reservation lapsed before its delete (the server's clock jumps past it while
+ * the command runs), then handed back by this worker's own next reserve: after
+ * the delete was refused, or while that delete was still in flight. The
+ * worker's reserves and deletes go to the real server, each held at a gate
+ * until the test opens it, so the order is the test's.
+ */
+async function lapsedThenReservedAgain(
+  order: "after the refusal" | "while the delete is in flight",
+): Promise<void> {
+  const clock = jumpingClock();
+  const h = await harness({ now: clock.now });
+  const gates = {
+    reserves: Promise.withResolvers<void>(),
+    deletes: Promise.withResolvers<void>(),
+  };
+  let reserves = 0;
+  let handedBack = false;
+  let deleteAsked = false;
+  const queue = Object.assign(Object.create(h.client) as IronMqClient, {
+    reserve: async (...args: Parameters<IronMqClient["reserve"]>) => {
+      if (++reserves > 1) await gates.reserves.promise; // the first one passes
+      const messages = await h.client.reserve(...args);
+      if (messages.some((m) => m.reserved_count === 2)) handedBack = true;
+      return messages;
+    },
+    deleteBatch: async (items: Parameters<IronMqClient["deleteBatch"]>[0]) => {
+      if (!deleteAsked) {
+        deleteAsked = true;
+        if (order === "while the delete is in flight") {
+          await gates.deletes.promise;
+        }
+      }
+      return await h.client.deleteBatch(items);
+    },
+  });
+  let finish = () => {};
+  let runs = 0;
+  const runner = new FakeRunner(() =>
+    ++runs > 1 ? exit(0) : new Promise((resolve) => {
+      finish = () => resolve({ kind: "exit", code: 0 });
+    })
+  );
+  const w = startWorker(h, runner, { concurrency: 1 }, {
+    queue,
+    touchIntervalMs: 1e9, // no touch comes before the lapse
+  });
+  try {
+    await h.post(["once"]);
+    await until("it runs", () => runner.commands.length === 1);
+    clock.jump(31_000); // past its 30 s reservation
+    finish();
+    await until("its delete is asked for", () => deleteAsked);
+    if (order === "after the refusal") {
+      await until(
+        "the refused delete",
+        () => h.log.lines.some((l) => /MAY RUN TWICE/.test(l)),
+      );
+    }
+    gates.reserves.resolve();
+    await until("its own reserve hands it back", () => handedBack);
+    gates.deletes.resolve();
+    await until("deleted", async () => (await h.info()).size === 0);
+  } finally {
+    gates.reserves.resolve();
+    gates.deletes.resolve();
+    await w.stop();
+    await h.close();
+  }
+  assert.deepEqual(runner.commands, ["run-it"], "it ran once");
+  assert.match(
+    h.log.lines.join("\n"),
+    /message 1: reserved here again after its delete was refused; its SUCCESS outcome stands, so it is deleted under the new reservation, not run again/,
+  );
+}
+
+Deno.test("worker: a message it ran whose delete was refused (its reservation lapsed) is deleted, not run again, when its own reserve hands it back", () =>
+  lapsedThenReservedAgain("after the refusal"));
+
+Deno.test("worker: a message it ran whose reservation lapsed is deleted, not run again, when its own reserve hands it back while that delete is in flight", () =>
+  lapsedThenReservedAgain("while the delete is in flight"));
+
+Deno.test("worker: starting, it reserves no more than its concurrency ahead while no processor has come back for more", async () => {
+  const h = await harness();
+  // Each reading at least 1 ms after the last, as on a busy machine where the
+  // processors' first takes land on different milliseconds.
+  let last = 0;
+  const clock = {
+    ...realClock,
+    now: () => last = Math.max(Date.now(), last + 1),
+  };
+  const asked: number[] = [];
+  const queue = Object.assign(Object.create(h.client) as IronMqClient, {
+    reserve: (...args: Parameters<IronMqClient["reserve"]>) => {
+      asked.push(args[0]);
+      return h.client.reserve(...args);
+    },
+  });
+  const runner = new FakeRunner((_, io) => untilAborted(io));
+  const w = startWorker(h, runner, { concurrency: 4, shutdownGraceMs: 0 }, {
+    queue,
+    clock,
+  });
+  let held = 0;
+  try {
+    await h.post(Array.from({ length: 100 }, (_, i) => `m${i}`));
+    await until("all four run", () => runner.commands.length === 4);
+    // Its next reserve fills the processors' waiting line; none comes after
+    // it while the four run.
+    await until("it reserved again", () => asked.length >= 2);
+    await until("that reserve answered", async () => {
+      held = 100 - (await h.peek()).length;
+      return held >= 4 + asked[1];
+    });
+  } finally {
+    await w.stop();
+    await h.close();
+  }
+  assert.ok(
+    held <= 8,
+    `held ${held} messages (reserves asked for ${
+      asked.join(", ")
+    }): four running, at most four waiting`,
   );
 });
 

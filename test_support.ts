@@ -1,9 +1,9 @@
 /**
- * Helpers shared by the test files: waiting, seeded randomness, a fast server
- * clock, an in-memory log, child processes whose output lines are kept, the
- * embedded queue server with ways to look inside, and an HTTP proxy that puts
- * latency or faults between a worker and that server (the reliability test and
- * the bench's far-away queue rows).
+ * Helpers shared by the test files: waiting, seeded randomness, a fast or a
+ * jumping server clock, an in-memory log, child processes whose output lines
+ * are kept, the embedded queue server with ways to look inside, and an HTTP
+ * proxy that puts latency or faults between a worker and that server (the
+ * reliability test and the bench's far-away queue rows).
  */
 
 import { IronMqClient, LineSplitter, type Log } from "./tasks.ts";
@@ -63,6 +63,24 @@ export function fastClock(factor: number): () => number {
 export function sample(metrics: string, name: string): number | undefined {
   const line = metrics.split("\n").find((l) => l.startsWith(`${name} `));
   return line === undefined ? undefined : Number(line.split(" ").pop());
+}
+
+/**
+ * A server clock at real speed, as the worker's own is, that the test moves
+ * forward at once with `jump`: reservations lapse only when the test says
+ * (a killed worker's), never while a worker that touches them is alive.
+ */
+export function jumpingClock(): {
+  now: () => number;
+  jump: (ms: number) => void;
+} {
+  let offset = 0;
+  return {
+    now: () => Date.now() + offset,
+    jump: (ms) => {
+      offset += ms;
+    },
+  };
 }
 
 /** A log that keeps its lines for assertions. */
