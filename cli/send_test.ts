@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { parseCatalog } from "./tasks.ts";
+import { parseCatalog } from "../lib/catalog.ts";
 import {
   freePort,
   needs,
@@ -7,14 +7,14 @@ import {
   sshdMissing,
   sshEnv,
   withSshd,
-} from "./test_sshd.ts";
+} from "../test/sshd.ts";
 import {
   baseEnv,
   REPO,
   spawnCollecting,
   type TestQueue,
   withCatalogQueue,
-} from "./test_support.ts";
+} from "../test/support.ts";
 
 /** Tests that need OpenSSH (sshd, ssh-keygen): skipped with a reason, or failing under CI. */
 const sshdTest = needs(sshdMissing(), "send tests with a real sshd");
@@ -49,7 +49,7 @@ interface Sent {
 const SEND_TASK: string[] = JSON.parse(
   Deno.readTextFileSync(`${REPO}deno.json`),
 ).tasks.send.split(" ").map((arg: string) =>
-  arg === "send.ts" ? `${REPO}send.ts` : arg
+  arg === "cli/send.ts" ? `${REPO}${arg}` : arg
 );
 
 /** Starts the sender: `deno task send` by default, else the task's command line in `cwd`. */

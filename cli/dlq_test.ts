@@ -5,7 +5,9 @@
  * all over real HTTP against the embedded queue server.
  */
 import assert from "node:assert/strict";
-import { DeadLetters, maskedBody, parseCatalog, Secrets } from "./tasks.ts";
+import { parseCatalog } from "../lib/catalog.ts";
+import { DeadLetters, maskedBody } from "../lib/dead_letters.ts";
+import { Secrets } from "../lib/log.ts";
 import {
   freePort,
   needs,
@@ -13,7 +15,7 @@ import {
   sshdMissing,
   sshEnv,
   withSshd,
-} from "./test_sshd.ts";
+} from "../test/sshd.ts";
 import {
   baseEnv,
   REPO,
@@ -22,7 +24,7 @@ import {
   type TestQueue,
   until,
   withCatalogQueue,
-} from "./test_support.ts";
+} from "../test/support.ts";
 
 const sshdTest = needs(sshdMissing(), "dlq tests with a real worker and sshd");
 

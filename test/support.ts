@@ -6,14 +6,16 @@
  * reliability test and the bench's far-away queue rows).
  */
 
-import { IronMqClient, LineSplitter, type Log } from "./tasks.ts";
+import { IronMqClient } from "../lib/ironmq.ts";
+import { LineSplitter, type Log } from "../lib/log.ts";
 import {
   type QueueServer,
   type QueueServerOptions,
   startQueueServer,
-} from "./mq_server.ts";
+} from "../lib/mq/server.ts";
 
-export const REPO = new URL(".", import.meta.url).pathname;
+/** The repository root (this file is in test/), ending in a slash. */
+export const REPO = new URL("..", import.meta.url).pathname;
 
 export const sleep = (ms: number) =>
   new Promise<void>((resolve) => setTimeout(resolve, ms));

@@ -8,17 +8,12 @@
  * posts the original body back to the queue it came from, byte for byte.
  */
 
-import {
-  DeadLetters,
-  escapeControls,
-  IronMqClient,
-  maskedBody,
-  QUEUE_NAME,
-  QueueError,
-  Secrets,
-  senderConfig,
-} from "./tasks.ts";
-import { type Env, envValue, errorText, isRecord } from "./mq_server.ts";
+import { senderConfig } from "../lib/config.ts";
+import { DeadLetters, maskedBody } from "../lib/dead_letters.ts";
+import { IronMqClient, QueueError } from "../lib/ironmq.ts";
+import { escapeControls, Secrets } from "../lib/log.ts";
+import { QUEUE_NAME } from "../lib/message.ts";
+import { type Env, envValue, errorText, isRecord } from "../lib/util.ts";
 
 const USAGE = `Usage: deno task dlq <command>
 

@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 
-const CONFIG = new URL("./deno.json", import.meta.url).pathname;
+const CONFIG = new URL("../deno.json", import.meta.url).pathname;
 
 /** Package names in a Deno npm cache: "ssh2", "@logtape/logtape", ... */
 function cachedPackages(denoDir: string): string[] {

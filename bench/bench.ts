@@ -9,7 +9,7 @@
  * (IronMqClient + SshHosts + Worker, logging at info into a sink that drops the
  * formatted lines); the memory measure runs the worker as a process through
  * ./start, as `deno task start` and runit do (its permissions, its V8 flags).
- * The far-away queue rows drain the same way through test_support's proxy,
+ * The far-away queue rows drain the same way through test/support.ts's proxy,
  * which adds a fixed latency to every queue request (hosted IronMQ from another
  * region is 40 to 180 ms away), next to the loopback drain of the same run.
  * The many-hosts rows (issue 11) run `true` on 50 loopback hosts by the raw
@@ -26,44 +26,35 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 // @ts-types="@types/ssh2"
 import { Client, type ConnectConfig } from "ssh2";
+import { loadSshCredentials, parseConfig } from "../lib/config.ts";
+import { type HostSpec } from "../lib/hosts.ts";
+import { IronMqClient } from "../lib/ironmq.ts";
+import { checkHostKey, parseKnownHosts } from "../lib/known_hosts.ts";
+import { type Log, Secrets, setupLogging } from "../lib/log.ts";
+import { planCommand } from "../lib/message.ts";
+import { realClock } from "../lib/retry.ts";
 import {
-  checkHostKey,
   type CommandRunner,
-  type HostSpec,
-  IronMqClient,
-  loadSshCredentials,
-  type Log,
-  parseConfig,
-  parseKnownHosts,
-  planCommand,
-  realClock,
   type RunIo,
   type RunResult,
-  Secrets,
-  setupLogging,
   SshHosts,
-  Worker,
-} from "./tasks.ts";
-import {
-  type Env,
-  errorText,
-  isRecord,
-  type QueueServer,
-  startQueueServer,
-} from "./mq_server.ts";
+} from "../lib/ssh.ts";
+import { Worker } from "../tasks.ts";
+import { type QueueServer, startQueueServer } from "../lib/mq/server.ts";
+import { type Env, errorText, isRecord } from "../lib/util.ts";
 import {
   type LoopbackHosts,
   run,
   type Sshd,
   startLoopbackHosts,
   startSshd,
-} from "./test_sshd.ts";
+} from "../test/sshd.ts";
 import {
   type Collected,
   sleep,
   spawnCollecting,
   startQueueProxy,
-} from "./test_support.ts";
+} from "../test/support.ts";
 
 // ---------------------------------------------------------------------------
 // Options: flags beat BENCH_* variables beat the defaults
@@ -672,7 +663,7 @@ function workerProcessEnv(
   return env;
 }
 
-const repo = fileURLToPath(new URL(".", import.meta.url));
+const repo = fileURLToPath(new URL("..", import.meta.url));
 
 /** The worker through ./start with only the bench's settings. */
 function spawnWorkerProcess(rig: Rig, queueName: string) {

@@ -3,14 +3,14 @@
  * Timeouts, delays and expiration run on an injected clock; long-polls on real time.
  */
 import assert from "node:assert/strict";
+import { errorText } from "../util.ts";
 import {
-  errorText,
   type QueueServer,
   type QueueServerOptions,
   queueServerOptionsFromEnv,
   startQueueServer,
-} from "./mq_server.ts";
-import { checkMetrics, needs, PROMTOOL, toolMissing } from "./test_sshd.ts";
+} from "./server.ts";
+import { checkMetrics, needs, PROMTOOL, toolMissing } from "../../test/sshd.ts";
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -1441,8 +1441,8 @@ Deno.test("metrics: with a token, /metrics refuses requests without it and takes
 // ---------------------------------------------------------------------------
 // The standalone process
 
-const SERVER_PATH = new URL("./mq_server.ts", import.meta.url).pathname;
-const REPO_CONFIG = new URL("./deno.json", import.meta.url).pathname;
+const SERVER_PATH = new URL("./server.ts", import.meta.url).pathname;
+const REPO_CONFIG = new URL("../../deno.json", import.meta.url).pathname;
 const TASK_PERMISSIONS = [
   "--allow-net",
   "--allow-read",
@@ -1776,7 +1776,7 @@ Deno.test("v1: the seed's curl line enqueues a message", async () => {
   }, { token: "seed-token" });
 });
 
-const COMPAT_DIR = new URL("./compat/", import.meta.url).pathname;
+const COMPAT_DIR = new URL("../../compat/", import.meta.url).pathname;
 
 Deno.test("wire: Iron.io's official Node client iron_mq works unchanged", async () => {
   await withServer(async (_api, server) => {

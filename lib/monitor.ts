@@ -1,5 +1,5 @@
 /**
- * web.ts: what the worker is doing, for people and for Prometheus.
+ * lib/monitor.ts: what the worker is doing, for people and for Prometheus.
  *
  * The worker calls a Monitor as things happen (queue requests, SSH
  * connections, commands and their output lines, settled messages); the Monitor
@@ -23,8 +23,9 @@ import {
   Histogram,
   Registry,
 } from "prom-client";
-import type { DeadLetter, DeadLetters, RunResult } from "./tasks.ts";
-import { bracketIPv6, errorText, isLoopback, isRecord } from "./mq_server.ts";
+import { type DeadLetter, type DeadLetters } from "./dead_letters.ts";
+import { type HostState, type RunResult } from "./ssh.ts";
+import { bracketIPv6, errorText, isLoopback, isRecord } from "./util.ts";
 
 export type Outcome =
   | "success"
@@ -85,7 +86,7 @@ interface Run {
 
 interface HostView {
   host: string;
-  state: "connected" | "idle" | "unreachable";
+  state: HostState;
   detail?: string;
   since: number;
   connections: number;
@@ -247,7 +248,7 @@ export class Monitor {
 
   hostState(
     host: string,
-    state: "connected" | "idle" | "unreachable",
+    state: HostState,
     detail?: string,
   ): void {
     const view = this.hostView(host);

@@ -9,20 +9,13 @@
  * worker posts the result to, and which is removed at the end in every case.
  */
 
-import {
-  type Catalog,
-  escapeControls,
-  IronMqClient,
-  type ParamSpec,
-  planMessage,
-  QUEUE_NAME,
-  QueueError,
-  retry,
-  Secrets,
-  senderConfig,
-  type TaskSpec,
-} from "./tasks.ts";
-import { type Env, errorText, isRecord } from "./mq_server.ts";
+import { type Catalog, type ParamSpec, type TaskSpec } from "../lib/catalog.ts";
+import { senderConfig } from "../lib/config.ts";
+import { IronMqClient, QueueError } from "../lib/ironmq.ts";
+import { escapeControls, Secrets } from "../lib/log.ts";
+import { planMessage, QUEUE_NAME } from "../lib/message.ts";
+import { retry } from "../lib/retry.ts";
+import { type Env, errorText, isRecord } from "../lib/util.ts";
 
 const USAGE =
   `Usage: deno task send [options] <task> [value ...] [name=value ...]

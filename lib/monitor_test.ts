@@ -1,19 +1,15 @@
 /**
- * The monitor's listener (web.ts) as a person and Prometheus see it: the page
+ * The monitor's listener (lib/monitor.ts) as a person and Prometheus see it: the page
  * in a real headless Chromium (Debian's, driven by compat/browser.ts), the
  * metrics checked by promtool, the HTTP rules over real HTTP on 127.0.0.1.
  */
 import assert from "node:assert/strict";
-import {
-  ConfigError,
-  DeadLetters,
-  maskedBody,
-  parseCatalog,
-  parseConfig,
-  permissionFlags,
-  Secrets,
-} from "./tasks.ts";
-import { Monitor, type ServeOptions } from "./web.ts";
+import { parseCatalog } from "./catalog.ts";
+import { parseConfig, permissionFlags } from "./config.ts";
+import { DeadLetters, maskedBody } from "./dead_letters.ts";
+import { Secrets } from "./log.ts";
+import { ConfigError } from "./util.ts";
+import { Monitor, type ServeOptions } from "./monitor.ts";
 import {
   checkMetrics,
   freePort,
@@ -23,13 +19,13 @@ import {
   sshEnv,
   toolMissing,
   withSshd,
-} from "./test_sshd.ts";
+} from "../test/sshd.ts";
 import {
   REPO,
   spawnCollecting,
   startTestQueue,
   type TestQueue,
-} from "./test_support.ts";
+} from "../test/support.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const browserTest = needs(
@@ -723,7 +719,7 @@ Deno.test("web: a non-loopback listener without TASK_HTTP_TOKEN is a configurati
   const net = flags.find((f) => f.startsWith("--allow-net="))!.split(/[=,]/);
   assert.ok(net.includes("0.0.0.0:9100"), flags.join(" "));
   const read = flags.find((f) => f.startsWith("--allow-read="))!.split(/[=,]/);
-  assert.ok(read.includes(`${REPO}page.html`), flags.join(" "));
+  assert.ok(read.includes(`${REPO}lib/page.html`), flags.join(" "));
   assert.ok(!flags.join(" ").includes(TOKEN));
 });
 

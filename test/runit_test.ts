@@ -4,7 +4,7 @@
  * cleanly, and a bad setting waits for a fix instead of restarting every second.
  */
 import assert from "node:assert/strict";
-import { errorText } from "./mq_server.ts";
+import { errorText } from "../lib/util.ts";
 import {
   freePort,
   needs,
@@ -13,8 +13,8 @@ import {
   sshdMissing,
   sshEnv,
   withSshd,
-} from "./test_sshd.ts";
-import { REPO, until } from "./test_support.ts";
+} from "./sshd.ts";
+import { REPO, until } from "./support.ts";
 
 function runitMissing(): string | undefined {
   for (
@@ -71,15 +71,14 @@ async function withService(
       "start",
       "check",
       "tasks.ts",
-      "mq_server.ts",
-      "web.ts",
-      "page.html",
       "deno.json",
       "deno.lock",
     ]
   ) {
     await Deno.copyFile(`${REPO}/${file}`, `${dir}/${file}`);
   }
+  // The worker's parts, as a service directory holds them.
+  await run("cp", ["-r", `${REPO}/lib`, `${dir}/lib`]);
   await Deno.chmod(sshd.clientKeyFile, 0o644); // the worker runs as sshd.user
   await Deno.mkdir(`${dir}/env`, { mode: 0o700 });
   const setting = (key: string, value: string) =>

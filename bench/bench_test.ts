@@ -14,9 +14,9 @@ import {
   SMOKE_SIZES,
   tableRows,
 } from "./bench.ts";
-import { IronMqClient } from "./tasks.ts";
-import { needs, sshdMissing } from "./test_sshd.ts";
-import { startQueueProxy, startTestQueue, until } from "./test_support.ts";
+import { IronMqClient } from "../lib/ironmq.ts";
+import { needs, sshdMissing } from "../test/sshd.ts";
+import { startQueueProxy, startTestQueue, until } from "../test/support.ts";
 
 Deno.test("bench options: flags beat BENCH_* variables beat the defaults", () => {
   const options = readOptions(

@@ -14,8 +14,8 @@ import {
   sshEnv,
   startSshd,
   toolMissing,
-} from "./test_sshd.ts";
-import { baseEnv, sample, spawnCollecting, until } from "./test_support.ts";
+} from "./sshd.ts";
+import { baseEnv, sample, spawnCollecting, until } from "./support.ts";
 
 function promtoolMissing(): string | undefined {
   return toolMissing(PROMTOOL, "prometheus") ?? sshdMissing();

@@ -6,34 +6,26 @@
 import assert from "node:assert/strict";
 import {
   type Config,
-  hostKey,
   loadSshCredentials,
   parseConfig,
-  parseHostList,
-  parseJump,
   permissionFlags,
-  planMessage,
-  QueueError,
-  realClock,
   servedHosts,
-  SshHosts,
-  Worker,
-} from "./tasks.ts";
-import type { Env } from "./mq_server.ts";
-import {
-  freePort,
-  needs,
-  type Sshd,
-  sshdMissing,
-  startSshd,
-} from "./test_sshd.ts";
+} from "../lib/config.ts";
+import { hostKey, parseHostList, parseJump } from "../lib/hosts.ts";
+import { QueueError } from "../lib/ironmq.ts";
+import { planMessage } from "../lib/message.ts";
+import { realClock } from "../lib/retry.ts";
+import { SshHosts } from "../lib/ssh.ts";
+import { Worker } from "../tasks.ts";
+import { type Env } from "../lib/util.ts";
+import { freePort, needs, type Sshd, sshdMissing, startSshd } from "./sshd.ts";
 import {
   baseEnv,
   memoryLog,
   startTestQueue,
   type TestQueue,
   until,
-} from "./test_support.ts";
+} from "./support.ts";
 
 const sshdTest = needs(sshdMissing(), "sshd tests");
 

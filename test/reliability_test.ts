@@ -5,13 +5,11 @@
  * is killed, and its logs are searched for secrets.
  */
 import assert from "node:assert/strict";
-import {
-  type CommandRunner,
-  IronMqClient,
-  realClock,
-  Worker,
-} from "./tasks.ts";
-import type { QueueServerOptions } from "./mq_server.ts";
+import { IronMqClient } from "../lib/ironmq.ts";
+import { realClock } from "../lib/retry.ts";
+import { type CommandRunner } from "../lib/ssh.ts";
+import { Worker } from "../tasks.ts";
+import { type QueueServerOptions } from "../lib/mq/server.ts";
 import {
   childPids,
   crashSessions,
@@ -25,7 +23,7 @@ import {
   sshEnv,
   startSshd,
   withSshd,
-} from "./test_sshd.ts";
+} from "./sshd.ts";
 import {
   type Collected,
   eventually,
@@ -43,7 +41,7 @@ import {
   type StoredMessage,
   type TestQueue,
   until,
-} from "./test_support.ts";
+} from "./support.ts";
 
 const sshdTest = needs(sshdMissing(), "reliability tests with a real sshd");
 const PROJECT = "rel";
@@ -200,7 +198,7 @@ function pidAlive(pid: number): boolean {
 }
 
 // ---------------------------------------------------------------------------
-// 1. Queue faults between the worker and the server (test_support's proxy)
+// 1. Queue faults between the worker and the server (test/support.ts's proxy)
 // ---------------------------------------------------------------------------
 
 function faultSummary(proxy: QueueProxy): string {

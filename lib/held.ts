@@ -1,0 +1,79 @@
+/**
+ * lib/held.ts: what the worker holds while it works on a message: the
+ * reserved message with its current reservation id, the runs on its hosts,
+ * and what went wrong; and what the worker is given to touch the world with
+ * (WorkerDeps). Shared by the loop (tasks.ts), the fetcher and the settler.
+ *
+ * Types and two small lookups only: nothing here talks to the queue or SSH.
+ */
+
+import { type HostOutcome, Monitor } from "./monitor.ts";
+import { type HostSpec } from "./hosts.ts";
+import { type QueueApi, type QueueMessage } from "./ironmq.ts";
+import { type Log, type LogFields, Secrets, Tail } from "./log.ts";
+import { type MessageMeta } from "./message.ts";
+import { type Clock } from "./retry.ts";
+import { type CommandRunner, type RunResult } from "./ssh.ts";
+
+export interface WorkerDeps {
+  queue: QueueApi;
+  runner: CommandRunner;
+  log: Log;
+  clock: Clock;
+  /** How often a held message's reservation is extended; default half of it. */
+  touchIntervalMs?: number;
+  /** Masked in what leaves the worker besides the log (dead-letter records). */
+  secrets?: Secrets;
+  /** Told what happens, for the metrics and the page (lib/monitor.ts). */
+  monitor?: Monitor;
+}
+
+/** A reserved message and its current reservation id (a touch replaces it). */
+export interface Held {
+  message: QueueMessage;
+  reservationId: string;
+  /** Which run this is, counting this one. */
+  attempt: number;
+  /** Touches the reservation while the message waits and runs. */
+  keeper?: { stop(): Promise<void> };
+  /** What the message says of itself (task, Celery id, reply queue), once read. */
+  meta?: MessageMeta;
+  /** Its task's max_attempts (else TASK_MAX_ATTEMPTS), once read. */
+  maxAttempts?: number;
+  /** The worker's secrets and the message's secret parameters. */
+  secrets?: Secrets;
+  /** Its runs, one a host, for the result. */
+  runs?: RunRecord[];
+}
+
+export interface RunRecord {
+  host: HostSpec;
+  startedAt: number;
+  finishedAt: number;
+  result: RunResult;
+  stdout: Tail;
+  stderr: Tail;
+}
+
+/** What went wrong on the last run, for the log and the dead-letter record. */
+export interface Failure {
+  reason: string;
+  exitStatus?: number | string;
+  stderrTail?: string;
+  /** The hosts to run it on again (the failed ones), when others succeeded. */
+  hosts?: string[];
+  /** Those hosts were stopped by a shutdown, not failed: no attempt counted. */
+  notAnAttempt?: boolean;
+  /** Each host's outcome, kept while its dead-letter record is owed. */
+  outcomes?: Record<string, HostOutcome>;
+}
+
+/** A message's task for the metrics: its name, or TASK_COMMAND. */
+export function taskLabel(held: Held): string {
+  return held.meta?.task ?? "TASK_COMMAND";
+}
+
+/** What a message's log lines are about, for LOG_FORMAT=json. */
+export function fieldsOf(held: Held): LogFields {
+  return { message_id: held.message.id, task: held.meta?.task };
+}
