@@ -54,6 +54,7 @@ import {
   sleep,
   spawnCollecting,
   startQueueProxy,
+  statusMb,
 } from "../test/support.ts";
 
 // ---------------------------------------------------------------------------
@@ -611,13 +612,6 @@ export interface Memory {
  * outlives the young generation, or a leak, keeps adding after it.
  */
 const MEMORY_DRAINS = 3;
-
-function statusMb(pid: number, field: "VmRSS" | "VmHWM"): number {
-  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
-  const match = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status);
-  if (!match) throw new Error(`no ${field} in /proc/${pid}/status`);
-  return Number(match[1]) / 1024;
-}
 
 /** Samples VmRSS every `everyMs` until stopped (or the process is gone); resolves to the highest seen. */
 function sampleRss(pid: number, everyMs: number) {

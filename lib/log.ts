@@ -7,7 +7,6 @@
  * counted, and the worker goes on.
  */
 
-import { Buffer } from "node:buffer";
 import { configure, getLogger, type LogRecord } from "@logtape/logtape";
 import { errorText } from "./util.ts";
 import { realClock } from "./retry.ts";
@@ -175,24 +174,42 @@ function messageOf(record: LogRecord, secrets: Secrets): string {
  * the count is logged once writing works again. A blocking write would stop
  * everything: touches (so a running message goes to another worker) and
  * signals (so runit could not stop the worker).
+ *
+ * Lines are encoded into two buffers made once, one filling while the other
+ * is written: a line of a flood of output costs no allocation here (a
+ * Uint8Array a line, and a 1 MiB one a write, were garbage that made V8 grow
+ * its heap).
  */
 export class StdoutLines {
-  private queued: Uint8Array[] = [];
-  private queuedBytes = 0;
+  private filling: Uint8Array;
+  private spare: Uint8Array;
+  private filled = 0;
+  /** Bytes of the batch being written: they count against the bound too. */
+  private writingBytes = 0;
   private dropped = 0;
   private writing?: Promise<void>;
   private readonly encoder = new TextEncoder();
 
-  constructor(private readonly maxBytes = 1024 * 1024) {}
+  constructor(private readonly maxBytes = 1024 * 1024) {
+    this.filling = new Uint8Array(maxBytes);
+    this.spare = new Uint8Array(maxBytes);
+  }
 
   readonly write = (line: string): void => {
-    const bytes = this.encoder.encode(line + "\n");
-    if (this.queuedBytes + bytes.length > this.maxBytes) {
+    const room = this.maxBytes - this.writingBytes - this.filled;
+    // One byte kept for the newline; a line that does not fit whole is not kept.
+    const { read, written } = room > 1
+      ? this.encoder.encodeInto(
+        line,
+        this.filling.subarray(this.filled, this.filled + room - 1),
+      )
+      : { read: -1, written: 0 };
+    if (read !== line.length) {
       this.dropped++;
       return;
     }
-    this.queued.push(bytes);
-    this.queuedBytes += bytes.length;
+    this.filling[this.filled + written] = 0x0a;
+    this.filled += written + 1;
     this.writing ??= this.drain().finally(() => this.writing = undefined);
   };
 
@@ -207,27 +224,37 @@ export class StdoutLines {
   }
 
   private async drain(): Promise<void> {
-    while (this.queued.length > 0) {
+    while (this.filled > 0 || this.dropped > 0) {
       if (this.dropped > 0) {
+        // Before the lines that came after the dropped ones began to fit again.
         const notice = this.encoder.encode(
           `WARN log: ${this.dropped} line(s) dropped: stdout was not being read\n`,
         );
-        this.queued.unshift(notice);
-        this.queuedBytes += notice.length;
         this.dropped = 0;
+        await this.writeAll(notice);
       }
-      const batch = Buffer.concat(this.queued.splice(0));
-      try {
-        for (let written = 0; written < batch.length;) {
-          written += await Deno.stdout.write(batch.subarray(written));
-        }
-      } catch {
-        // stdout is gone (a broken pipe): nobody is left to tell.
+      const batch = this.filling.subarray(0, this.filled);
+      [this.filling, this.spare] = [this.spare, this.filling];
+      this.writingBytes = this.filled;
+      this.filled = 0;
+      await this.writeAll(batch);
+      this.writingBytes = 0;
+    }
+  }
+
+  private async writeAll(bytes: Uint8Array): Promise<void> {
+    try {
+      for (let written = 0; written < bytes.length;) {
+        written += await Deno.stdout.write(bytes.subarray(written));
       }
-      this.queuedBytes -= batch.length;
+    } catch {
+      // stdout is gone (a broken pipe): nobody is left to tell.
     }
   }
 }
+
+/** LogTape's mark for a sink that is done with a record when it returns. */
+const IMMEDIATE_SINK = Symbol.for("LogTape.sinkSnapshotPolicy.immediate");
 
 /** Sets up LogTape to write formatted lines; returns the worker's logger. */
 export async function setupLogging(
@@ -237,9 +264,14 @@ export async function setupLogging(
   format: LogFormat = "text",
 ): Promise<Log> {
   const formatter = format === "json" ? formatJson : formatRecord;
+  const lines = (record: LogRecord) => write(formatter(record, secrets));
+  // It formats each record as it comes, as LogTape's own stream sink does: so
+  // marked as that one is, LogTape does not copy every record for it first
+  // (1.4 KB of garbage a line, in a flood of output).
+  Object.defineProperty(lines, IMMEDIATE_SINK, { value: true });
   await configure({
     reset: true,
-    sinks: { lines: (record) => write(formatter(record, secrets)) },
+    sinks: { lines },
     loggers: [
       { category: ["tasks"], lowestLevel: level, sinks: ["lines"] },
       {
@@ -270,6 +302,7 @@ export async function setupLogging(
  * that each escape the mask.
  */
 export class LineSplitter {
+  private static readonly PIECE_BYTES = 4096;
   private readonly decoder = new TextDecoder();
   private partial = "";
   private readonly maxLine: number;
@@ -283,19 +316,42 @@ export class LineSplitter {
   }
 
   push(chunk: Uint8Array): void {
-    this.take(this.decoder.decode(chunk, { stream: true }));
+    // Decoded a few lines at a time, up to the first newline after each
+    // PIECE_BYTES: a whole chunk's text (32 KiB from ssh2) would be alive
+    // through most young-generation collections of a flood, and V8 grows
+    // that generation by what outlives them.
+    for (let from = 0; from < chunk.length;) {
+      const nl = chunk.indexOf(0x0a, from + LineSplitter.PIECE_BYTES - 1);
+      const to = nl < 0 ? chunk.length : nl + 1;
+      this.take(
+        this.decoder.decode(chunk.subarray(from, to), { stream: true }),
+      );
+      from = to;
+    }
+  }
+
+  /** Lines are found in place, each a slice of the text: no array of them. */
+  private take(text: string): void {
+    let start = 0;
+    for (let nl = text.indexOf("\n"); nl >= 0; nl = text.indexOf("\n", start)) {
+      const piece = text.slice(start, nl);
+      const line = this.partial === "" ? piece : this.partial + piece;
+      this.partial = "";
+      this.cut(line.endsWith("\r") ? line.slice(0, -1) : line);
+      start = nl + 1;
+    }
+    this.unfinished(text.slice(start));
   }
 
   end(): void {
-    this.take(this.decoder.decode());
+    this.unfinished(this.decoder.decode());
     if (this.partial !== "") this.cut(this.partial);
     this.partial = "";
   }
 
-  private take(text: string): void {
-    const lines = (this.partial + text).split("\n");
-    this.partial = lines.pop() ?? "";
-    for (const line of lines) this.cut(line.replace(/\r$/, ""));
+  /** Text with no newline in it: the start of a line still to come. */
+  private unfinished(text: string): void {
+    this.partial += text;
     // An unfinished line is cut only where no secret can straddle the cut.
     const hold = this.secrets?.longest ?? 0;
     while (this.partial.length > this.maxLine + hold) {
@@ -314,20 +370,71 @@ export class LineSplitter {
   }
 }
 
-/** The last 64 KiB of a stream's lines, for the result and the dead-letter record. */
+/** Where a Tail encodes a line before copying it in; grown to the longest line. */
+let lineBytes = new Uint8Array(4096);
+
+/**
+ * The last 64 KiB of a stream's lines, for the result and the dead-letter
+ * record. Kept as UTF-8 in a ring that grows to that size and is then
+ * reused: in a flood of lines, lines kept as strings would each outlive a
+ * young-generation collection, and V8 grows that generation (to 64 MB) by
+ * what outlives it.
+ */
 export class Tail {
-  private text = "";
+  private ring = new Uint8Array(0);
+  /** Where the next byte goes; once full, the oldest byte is here too. */
+  private at = 0;
+  private kept = 0;
   truncated = false;
+  private static readonly encoder = new TextEncoder();
+  private static readonly decoder = new TextDecoder();
   constructor(private readonly max = 64 * 1024) {}
+
   add(line: string): void {
-    this.text += line + "\n";
-    if (this.text.length > this.max) {
-      this.text = this.text.slice(-this.max);
-      this.truncated = true;
+    // At most 3 bytes a UTF-16 unit, and the newline.
+    if (lineBytes.length < line.length * 3 + 1) {
+      lineBytes = new Uint8Array(line.length * 3 + 1);
     }
+    const { written } = Tail.encoder.encodeInto(line, lineBytes);
+    lineBytes[written] = 0x0a;
+    this.push(lineBytes.subarray(0, written + 1));
   }
+
   toString(): string {
-    return this.text;
+    if (this.kept < this.ring.length) {
+      return Tail.decoder.decode(this.ring.subarray(0, this.kept));
+    }
+    const bytes = new Uint8Array(this.kept);
+    bytes.set(this.ring.subarray(this.at));
+    bytes.set(this.ring.subarray(0, this.at), this.ring.length - this.at);
+    // What was let go may have ended in the middle of a character.
+    let start = 0;
+    while (
+      this.truncated && start < bytes.length && (bytes[start] & 0xc0) === 0x80
+    ) start++;
+    return Tail.decoder.decode(bytes.subarray(start));
+  }
+
+  private push(bytes: Uint8Array): void {
+    const needed = this.kept + bytes.length;
+    if (needed > this.ring.length && this.ring.length < this.max) {
+      // Not wrapped yet: the bytes kept are the ring's first ones.
+      let size = Math.max(256, this.ring.length * 2);
+      while (size < needed) size *= 2;
+      const ring = new Uint8Array(Math.min(size, this.max));
+      ring.set(this.ring.subarray(0, this.kept));
+      this.ring = ring;
+      this.at = this.kept;
+    }
+    const size = this.ring.length;
+    if (needed > size) this.truncated = true;
+    // Longer than the ring: only its end can be kept.
+    if (bytes.length > size) bytes = bytes.subarray(bytes.length - size);
+    const first = Math.min(bytes.length, size - this.at);
+    this.ring.set(bytes.subarray(0, first), this.at);
+    this.ring.set(bytes.subarray(first));
+    this.kept = Math.min(needed, size);
+    this.at = (this.at + bytes.length) % size;
   }
 }
 

@@ -38,6 +38,7 @@ import {
   spawnCollecting,
   startQueueProxy,
   startTestQueue,
+  statusMb,
   type StoredMessage,
   type TestQueue,
   until,
@@ -67,9 +68,18 @@ function startQueue(options: QueueServerOptions = {}): Promise<TestQueue> {
 // The worker as a subprocess
 // ---------------------------------------------------------------------------
 
-/** The worker as a subprocess, with its output lines kept. */
-function spawnWorker(env: Record<string, string>): Collected {
-  return spawnCollecting("deno", ["run", "--allow-all", "tasks.ts"], env);
+/** The worker as a subprocess, with its output lines kept (those `keep` keeps). */
+function spawnWorker(
+  env: Record<string, string>,
+  keep?: (line: string) => boolean,
+): Collected {
+  return spawnCollecting(
+    "deno",
+    ["run", "--allow-all", "tasks.ts"],
+    env,
+    REPO,
+    keep,
+  );
 }
 
 function workerEnv(
@@ -946,6 +956,88 @@ Deno.test({
       }
       assert.equal((await child.status).code, 0);
       assert.match(output, /^stopped$/m);
+    }),
+});
+
+/** MB of 1,000-byte lines in the flood test (RELIABILITY_FLOOD_MB for the 2 GB measure). */
+const FLOOD_MB = Number(Deno.env.get("RELIABILITY_FLOOD_MB") ?? 500);
+/** The worker's peak RSS bound under a flood; it idles at about 70 MB. */
+const FLOOD_PEAK_MB = 150;
+
+Deno.test({
+  name:
+    `reliability: a command printing ${FLOOD_MB} MB of 1,000-byte lines keeps the worker under ${FLOOD_PEAK_MB} MB peak RSS; the message succeeds, and each line is logged or counted as dropped`,
+  ...sshdTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const queue = await startQueue();
+      const lines = FLOOD_MB * 1000;
+      let logged = 0;
+      let dropped = 0;
+      // Output lines are counted, not kept: the test's own memory stays small.
+      const worker = spawnWorker(
+        workerEnv(sshd, queue.server.url, {
+          TASK_COMMAND:
+            `yes "$(head -c 999 /dev/zero | tr '\\0' x)" | head -c ${
+              lines * 1000
+            }`,
+          TASK_RESERVATION_TIMEOUT: "600",
+        }),
+        (line) => {
+          if (line.startsWith("[127.0.0.1] out: ")) {
+            logged++;
+            return false;
+          }
+          const count =
+            /^WARN log: (\d+) line\(s\) dropped: stdout was not being read$/
+              .exec(line);
+          if (count) dropped += Number(count[1]);
+          return true;
+        },
+      );
+      let peakMb = 0;
+      let left = -1;
+      let deadLettered = -1;
+      const started = Date.now();
+      try {
+        await queue.post(["flood"]);
+        // Ends early, and fails, once the bound is passed.
+        await until(
+          () => `the message deleted; peak ${peakMb.toFixed(1)} MB so far`,
+          async () => {
+            peakMb = statusMb(worker.child.pid, "VmHWM");
+            return peakMb >= FLOOD_PEAK_MB || (await queue.size()) === 0;
+          },
+          600_000,
+        );
+        peakMb = statusMb(worker.child.pid, "VmHWM");
+        left = await queue.size();
+        deadLettered = await queue.size(`${QUEUE}_failed`);
+      } finally {
+        await worker.stop();
+        await queue.close();
+      }
+      console.log(
+        `flood: ${FLOOD_MB} MB of 1,000-byte lines in ${
+          ((Date.now() - started) / 1000).toFixed(1)
+        } s, worker peak RSS ${
+          peakMb.toFixed(1)
+        } MB, ${logged} lines logged, ${dropped} counted as dropped`,
+      );
+      assert.ok(
+        peakMb < FLOOD_PEAK_MB,
+        `peak RSS ${peakMb.toFixed(1)} MB, bound ${FLOOD_PEAK_MB} MB`,
+      );
+      const log = worker.lines.join("\n");
+      assert.equal(left, 0, `the message is deleted:\n${log}`);
+      assert.equal(deadLettered, 0, `nothing dead-lettered:\n${log}`);
+      assert.doesNotMatch(log, /released|attempt/, "it ran once");
+      // Lines the worker logged besides the output may be dropped too.
+      assert.ok(logged <= lines, `${logged} logged of ${lines}`);
+      assert.ok(
+        logged + dropped >= lines,
+        `${logged} logged and ${dropped} dropped, of ${lines}:\n${log}`,
+      );
     }),
 });
 

@@ -45,6 +45,14 @@ export async function until(
   }
 }
 
+/** A process's memory from /proc/<pid>/status, in MB: now (VmRSS) or at its peak (VmHWM). */
+export function statusMb(pid: number, field: "VmRSS" | "VmHWM"): number {
+  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+  const match = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status);
+  if (!match) throw new Error(`no ${field} in /proc/${pid}/status`);
+  return Number(match[1]) / 1024;
+}
+
 /** A small seeded generator, so a failing run can be replayed. */
 export function mulberry32(seed: number): () => number {
   return () => {
@@ -99,7 +107,7 @@ export function memoryLog(): Log & { lines: string[] } {
 
 export interface Collected {
   child: Deno.ChildProcess;
-  /** Every stdout and stderr line so far. */
+  /** Every stdout and stderr line so far (that `keep` kept). */
   lines: string[];
   /** Waits for a line matching `pattern` and returns it. */
   line(pattern: RegExp, ms?: number): Promise<string>;
@@ -109,12 +117,17 @@ export interface Collected {
   stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
 }
 
-/** Spawns a process with exactly `env`, keeping its output lines as they come. */
+/**
+ * Spawns a process with exactly `env`, keeping its output lines as they come:
+ * those `keep` returns true for (it sees every line; for a flood of output,
+ * it can count lines instead of keeping them).
+ */
 export function spawnCollecting(
   cmd: string,
   args: string[],
   env: Record<string, string>,
   cwd = REPO,
+  keep: (line: string) => boolean = () => true,
 ): Collected {
   const child = new Deno.Command(cmd, {
     args,
@@ -127,7 +140,9 @@ export function spawnCollecting(
   }).spawn();
   const lines: string[] = [];
   const collect = async (stream: ReadableStream<Uint8Array>) => {
-    const splitter = new LineSplitter((l) => lines.push(l));
+    const splitter = new LineSplitter((l) => {
+      if (keep(l)) lines.push(l);
+    });
     for await (const chunk of stream) splitter.push(chunk);
     splitter.end();
   };

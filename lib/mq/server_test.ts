@@ -11,6 +11,7 @@ import {
   startQueueServer,
 } from "./server.ts";
 import { checkMetrics, needs, PROMTOOL, toolMissing } from "../../test/sshd.ts";
+import { statusMb } from "../../test/support.ts";
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -1668,10 +1669,7 @@ Deno.test("standalone: /metrics has the process metrics its permissions allow, n
 
 /** A process's peak resident memory so far (VmHWM), in KiB. */
 function peakRssKiB(pid: number): number {
-  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
-  const match = /^VmHWM:\s+(\d+) kB$/m.exec(status);
-  if (!match) throw new Error(`no VmHWM in /proc/${pid}/status`);
-  return Number(match[1]);
+  return statusMb(pid, "VmHWM") * 1024;
 }
 
 /**
