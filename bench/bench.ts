@@ -1,5 +1,5 @@
 /**
- * bench.ts: how fast the worker drains a queue, how soon it picks up a message
+ * bench/bench.ts: how fast the worker drains a queue, how soon it picks up a message
  * and how much memory it holds, next to a seed-style loop and the raw SSH floor.
  *
  * One run measures everything side by side (this 2-core machine is shared and

@@ -1,5 +1,5 @@
 /**
- * dlq.ts: `deno task dlq`, the command line for the dead-letter queue: the
+ * cli/dlq.ts: `deno task dlq`, the command line for the dead-letter queue: the
  * messages the worker (tasks.ts) gave up on, each as a JSON record.
  *
  * It reads the worker's own settings (senderConfig), so it finds the same

@@ -1,5 +1,5 @@
 /**
- * send.ts: `deno task send`, the command line that posts a message for the
+ * cli/send.ts: `deno task send`, the command line that posts a message for the
  * worker (tasks.ts) and, with --wait, shows its result.
  *
  * It reads the worker's own settings (senderConfig): the same queue, and the

@@ -1,6 +1,8 @@
 /**
- * An embedded queue server that speaks IronMQ's v3 REST API, so the worker can run
- * and be tested without an Iron.io account. Messages live in SQLite (node:sqlite).
+ * lib/mq/server.ts: starting and stopping the embedded queue server, which
+ * speaks IronMQ's v3 REST API, so the worker can run and be tested without an
+ * Iron.io account. Messages live in SQLite (store.ts); the API is http.ts.
+ * It never listens beyond loopback without a token (MQ_TOKEN).
  *
  * Embedded: `startQueueServer({ port: 0, dbPath: ":memory:" })`, then `close()`.
  * Standalone: `deno task mq`, configured by MQ_HOST, MQ_PORT, MQ_DB and MQ_TOKEN.
