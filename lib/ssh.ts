@@ -81,6 +81,8 @@ interface Connection {
   client: Client;
   active: number;
   closed: boolean;
+  /** Its pool's generation when it opened: retiring the pool starts a new one. */
+  generation: number;
   /** Closes the connection once it has been unused for SSH_IDLE_TIMEOUT. */
   idleTimer?: ReturnType<typeof setTimeout>;
 }
@@ -237,6 +239,10 @@ class HostPool {
   private readonly slotWaiters: (() => void)[] = [];
   /** After another connection failed to open, carry on with those open until then. */
   private noMoreUntil = 0;
+  /** Retiring the connections starts a new generation. */
+  private generation = 0;
+  /** Sessions would not open on fresh connections: why, and until when `probe` says so. */
+  private sessionsFailed?: { error: string; backoffMs: number; until: number };
   private closed = false;
   /** user@host:port, through its jump hosts: for log lines and errors. */
   private readonly where: string;
@@ -258,7 +264,7 @@ class HostPool {
    * host is unreachable, as if it had refused the connection.
    */
   async run(command: string, io: RunIo): Promise<RunResult> {
-    const deadline = Date.now() + this.settings.ssh.connectTimeoutMs;
+    let deadline: number | undefined;
     for (let tries = 1;; tries++) {
       let connection: Connection;
       try {
@@ -273,13 +279,30 @@ class HostPool {
       } finally {
         this.release(connection);
       }
-      if (result.kind !== "unopened") return result;
+      if (result.kind !== "unopened") {
+        this.sessionsFailed = undefined;
+        return result;
+      }
       this.settings.monitor?.sshError(this.host.name, "exec");
-      this.retireAll();
+      // A failure on a connection of an older generation (retired already,
+      // by a command that failed on it first) says nothing of the new ones.
+      if (connection.generation === this.generation) this.retireAll();
       if (io.signal.aborted) return { kind: "aborted" };
+      deadline ??= Date.now() + this.settings.ssh.connectTimeoutMs;
       if (tries >= SESSION_TRIES || Date.now() >= deadline) {
         const error =
           `cannot open a session (${result.error}; tried ${tries} connection(s)): nothing ran`;
+        // Connecting works, so `ready` would pass at once: hold it back
+        // instead, 1 s then doubling to 30 s, before a command tries again.
+        const backoffMs = Math.min(
+          30_000,
+          2 * (this.sessionsFailed?.backoffMs ?? 500),
+        );
+        this.sessionsFailed = {
+          error,
+          backoffMs,
+          until: Date.now() + backoffMs,
+        };
         if (!this.settings.jump) {
           this.hosts.connected(this.host, error);
           this.settings.monitor?.hostState(
@@ -296,8 +319,16 @@ class HostPool {
     }
   }
 
-  /** Connects (once) unless a connection is open; for `ready` while every host is down. */
+  /**
+   * Connects (once) unless a connection is open; for `ready` while every host
+   * is down. A host whose sessions would not open fails it until its backoff
+   * has passed: a connection alone does not show that a command can start.
+   */
   async probe(): Promise<void> {
+    const failed = this.sessionsFailed;
+    if (failed !== undefined && Date.now() < failed.until) {
+      throw new Error(failed.error);
+    }
     if (!this.connections.some((c) => !c.closed)) await this.connect();
   }
 
@@ -370,6 +401,7 @@ class HostPool {
    * The next command opens a new connection.
    */
   private retireAll(): void {
+    this.generation++;
     if (this.connections.length === 0) return;
     this.settings.log.info(
       `ssh ${this.where}: retiring ${this.connections.length} connection(s) after a session would not open`,
@@ -523,7 +555,12 @@ class HostPool {
     };
     return new Promise((resolve, reject) => {
       const client = new Client();
-      const connection: Connection = { client, active: 0, closed: false };
+      const connection: Connection = {
+        client,
+        active: 0,
+        closed: false,
+        generation: this.generation,
+      };
       let settled = false;
       client.on("ready", () => {
         settled = true;

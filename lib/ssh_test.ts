@@ -351,8 +351,12 @@ Deno.test({
         );
         await assert.rejects(Deno.stat(marker), Deno.errors.NotFound);
         assert.equal(log.lines.filter((l) => /: connected$/.test(l)).length, 3);
-        // Unreachable, as a refused connection is: the worker holds back.
+        // Unreachable, as a refused connection is: the worker holds back
+        // (a connection alone would pass), then tries a command again.
         assert.equal(pool.reachable(), false);
+        await assert.rejects(pool.ready(AbortSignal.timeout(500)));
+        assert.equal(pool.reachable(), false);
+        await pool.ready(AbortSignal.timeout(10_000));
       } finally {
         pool.close();
       }
