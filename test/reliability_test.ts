@@ -1045,6 +1045,20 @@ Deno.test({
 // 6. Sessions that never open are never attempts
 // ---------------------------------------------------------------------------
 
+/** Nothing dead-lettered, and each of `ids` started exactly once. */
+function assertRanOnceEach(
+  events: RunEvent[],
+  ids: string[],
+  dead: StoredMessage[],
+  log: string,
+): void {
+  assert.deepEqual(dead, [], `nothing dead-lettered:\n${log}`);
+  const starts = byId(events, "start");
+  for (const id of ids) {
+    assert.equal(starts.get(id)?.length, 1, `${id} ran once:\n${log}`);
+  }
+}
+
 Deno.test({
   name:
     "reliability: sshd's session processes killed while its listener comes back: every message posted afterwards runs once, none dead-lettered (TASK_MAX_ATTEMPTS=1)",
@@ -1131,11 +1145,7 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
     const log = worker.lines.join("\n");
-    assert.deepEqual(dead, [], `nothing dead-lettered:\n${log}`);
-    const starts = byId(events, "start");
-    for (const id of after) {
-      assert.equal(starts.get(id)?.length, 1, `${id} ran once:\n${log}`);
-    }
+    assertRanOnceEach(events, after, dead, log);
     assert.match(log, /a session would not open/, "the crash was met");
     assert.doesNotMatch(log, /dropped while the command was running/);
     assert.doesNotMatch(log, /not started:|released for a retry/);
@@ -1188,10 +1198,6 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
     const log = worker.lines.join("\n");
-    assert.deepEqual(dead, [], `nothing dead-lettered:\n${log}`);
-    const starts = byId(events, "start");
-    for (const id of meanwhile) {
-      assert.equal(starts.get(id)?.length, 1, `${id} ran once:\n${log}`);
-    }
+    assertRanOnceEach(events, meanwhile, dead, log);
   },
 });
