@@ -236,6 +236,7 @@ function taskMessage(
   id: string,
   eta: string | undefined,
   replyTo: string | undefined,
+  sender: string,
 ): string {
   const param = (name: string) => spec?.params.find((p) => p.name === name);
   return JSON.stringify({
@@ -250,6 +251,7 @@ function taskMessage(
     eta: eta ?? null,
     expires: null,
     reply_to: replyTo ?? null,
+    sender,
     ...request.hosts === undefined ? {} : { hosts: request.hosts },
   });
 }
@@ -496,6 +498,8 @@ async function main(argv: string[], env: Env): Promise<number> {
     taskId,
     eta,
     replyQueue,
+    // Who sent it, as the run's record shows it.
+    `${config.user}@${Deno.hostname()}`,
   );
 
   let secrets = new Secrets([config.queue.token]);

@@ -233,7 +233,7 @@ Deno.test("send: a task message is Celery's, its values typed by the catalog; st
         "--delay",
         "60",
       ],
-      env,
+      { ...env, USER: "deployer" },
       dir,
     );
     assert.equal(sent.code, 0, sent.text);
@@ -252,6 +252,7 @@ Deno.test("send: a task message is Celery's, its values typed by the catalog; st
         eta: undefined,
         expires: null,
         reply_to: null,
+        sender: `deployer@${Deno.hostname()}`,
       },
     );
     const eta = Date.parse(body.eta);

@@ -523,6 +523,8 @@ export function senderConfig(
   catalog?: Catalog;
   hosts: HostSpec[];
   deadLetterQueue: string;
+  /** Who sends: the user name (SSH_USER's default), for the messages' `sender`. */
+  user: string;
 } {
   const context = configContext(env);
   const read = new EnvReader(env);
@@ -545,7 +547,13 @@ export function senderConfig(
   const catalog = loadCatalog(context.catalogFile, defaults, read.problems)
     ?.catalog;
   if (read.problems.length > 0) throw new ConfigError(read.problems);
-  return { queue, catalog, hosts, deadLetterQueue };
+  return {
+    queue,
+    catalog,
+    hosts,
+    deadLetterQueue,
+    user: context.user,
+  };
 }
 
 /** SSH_HOST's list, and what hosts written without user, port or jump get. */

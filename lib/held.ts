@@ -73,6 +73,14 @@ export function taskLabel(held: Held): string {
   return held.meta?.task ?? "TASK_COMMAND";
 }
 
+/**
+ * The run a message belongs to: its Celery `id` (a continuation for failed
+ * hosts keeps it), else the queue message's own id.
+ */
+export function runIdOf(held: Held): string {
+  return held.meta?.taskId ?? held.message.id;
+}
+
 /** What a message's log lines are about, for LOG_FORMAT=json. */
 export function fieldsOf(held: Held): LogFields {
   return { message_id: held.message.id, task: held.meta?.task };

@@ -112,6 +112,10 @@ export interface MessageMeta {
   /** Celery's `id`, kept as the result's `task_id`. */
   taskId?: string;
   replyTo?: string;
+  /** Who sent it, as the message says (`send`: user@hostname; a hook: hook:<name>). */
+  sender?: string;
+  /** `"stream": true`: its output goes to the reply queue as it comes. */
+  stream?: boolean;
   /** Celery's `retries`: attempts made before this message was sent. */
   priorRetries: number;
 }
@@ -148,6 +152,10 @@ const CELERY_FIELDS = [
   "expires",
   "reply_to",
   "hosts",
+  // Ours, beside Celery's: who sent it (for the run's record), and whether
+  // the sender follows its output live on the reply queue.
+  "sender",
+  "stream",
 ];
 
 const CELERY_IGNORED = [
@@ -281,6 +289,18 @@ export function planMessage(
   }
   if (message.id !== undefined && typeof message.id !== "string") {
     return reject(`"id" must be a string`);
+  }
+  if (message.sender !== undefined && message.sender !== null) {
+    if (typeof message.sender !== "string" || message.sender.length > 200) {
+      return reject(`"sender" must be a string of at most 200 characters`);
+    }
+    meta.sender = message.sender;
+  }
+  if (message.stream !== undefined && message.stream !== null) {
+    if (typeof message.stream !== "boolean") {
+      return reject(`"stream" must be true or false`);
+    }
+    meta.stream = message.stream;
   }
   if (
     message.reply_to !== undefined && message.reply_to !== null &&

@@ -143,3 +143,30 @@ Deno.test("named tasks: message forms, eta, expires and retries", () => {
     plain.kind === "reject" && /names no default task/.test(plain.reason),
   );
 });
+
+Deno.test("messages: a task message's sender and stream are read, and wrong ones never run", () => {
+  const body = (extra: Record<string, unknown>) =>
+    JSON.stringify({ task: "restart", kwargs: { service: "nginx" }, ...extra });
+  const plan = planMessage(
+    body({ sender: "ann@laptop", stream: true }),
+    catalog(),
+    "",
+    Date.now(),
+    [hostNamed("203.0.113.9")],
+  );
+  assert.equal(plan.kind, "run", JSON.stringify(plan));
+  assert.equal(plan.meta.sender, "ann@laptop");
+  assert.equal(plan.meta.stream, true);
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{ sender: 7 }, /"sender" must be a string/],
+    [{ sender: "x".repeat(201) }, /at most 200/],
+    [{ stream: "yes" }, /"stream" must be true or false/],
+  ];
+  for (const [extra, reason] of cases) {
+    const wrong = planMessage(body(extra), catalog(), "", Date.now(), [
+      hostNamed("203.0.113.9"),
+    ]);
+    assert.equal(wrong.kind, "reject", JSON.stringify(extra));
+    if (wrong.kind === "reject") assert.match(wrong.reason, reason);
+  }
+});
