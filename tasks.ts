@@ -43,6 +43,7 @@ import {
 } from "./lib/config.ts";
 import { DeadLetters, maskedBody } from "./lib/dead_letters.ts";
 import { Fetcher } from "./lib/fetch.ts";
+import { HookReceiver } from "./lib/hooks.ts";
 import {
   type Failure,
   fieldsOf,
@@ -86,6 +87,7 @@ async function main(): Promise<number> {
     config.queue.token,
     config.ssh.passphrase,
     config.http?.token,
+    ...config.hookSecrets?.values() ?? [],
   ]);
   const log = await setupLogging(
     output.write,
@@ -121,8 +123,21 @@ async function main(): Promise<number> {
   const monitor = config.http ? new Monitor() : undefined;
   let web: { close(): Promise<void> } | undefined;
   if (monitor && config.http) {
+    // The catalog's hooks (lib/hooks.ts) post their tasks' messages to the queue.
+    const catalog = config.task.catalog;
+    const hooks = catalog && config.hookSecrets && new HookReceiver({
+      catalog,
+      secrets: config.hookSecrets,
+      hosts: config.task.hosts,
+      queue: new IronMqClient(config.queue),
+      queueName: config.queue.queueName,
+      log: (line) => log.info(line),
+      now: () => Date.now(),
+    });
     try {
       web = await monitor.serve({
+        hooks: hooks &&
+          ((name, request, remote) => hooks.receive(name, request, remote)),
         ...config.http,
         deadLetters: new DeadLetters(
           new IronMqClient(config.queue),

@@ -18,6 +18,7 @@ import {
 } from "./hosts.ts";
 import { MAX_COMMAND_BYTES, shellQuote } from "./quote.ts";
 import { ConfigError } from "./util.ts";
+import { type HookSpec, parseHooks } from "./hook_spec.ts";
 
 type ParamType = "string" | "integer" | "number" | "boolean";
 
@@ -60,6 +61,8 @@ export interface Catalog {
   defaultTask?: string;
   /** The host groups (hosts:), for tasks and for a message's "hosts". */
   groups: Map<string, HostSpec[]>;
+  /** Webhooks (hooks:, lib/hook_spec.ts): requests that post a task's message. */
+  hooks: Map<string, HookSpec>;
 }
 
 /** What a catalog's tasks get when they do not say. */
@@ -98,9 +101,12 @@ export function parseCatalog(
     ]);
   }
   for (const key of Object.keys(root)) {
-    if (!["tasks", "default", "hosts"].includes(key)) {
+    if (!["tasks", "default", "hosts", "hooks"].includes(key)) {
       problems.push(
-        at(key, `unknown key (expected "tasks", "default" or "hosts")`),
+        at(
+          key,
+          `unknown key (expected "tasks", "default", "hosts" or "hooks")`,
+        ),
       );
     }
   }
@@ -155,8 +161,14 @@ export function parseCatalog(
       defaultTask = root.default;
     }
   }
+  // Only when the tasks parse: a hook naming a broken task is one problem, not two.
+  const hooks = problems.length > 0 ? new Map() : parseHooks(
+    root.hooks,
+    tasks,
+    (where, what) => problems.push(at(`hooks${where}`, what)),
+  );
   if (problems.length > 0) throw new ConfigError(problems);
-  return { catalog: { path, tasks, defaultTask, groups }, warnings };
+  return { catalog: { path, tasks, defaultTask, groups, hooks }, warnings };
 }
 
 type Complain = (where: string, what: string) => void;

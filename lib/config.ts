@@ -25,6 +25,7 @@ import {
   isRecord,
 } from "./util.ts";
 import { type Catalog, type CatalogDefaults, parseCatalog } from "./catalog.ts";
+import { hookSecrets } from "./hook_spec.ts";
 import {
   type HostDefaults,
   hostKey,
@@ -116,6 +117,8 @@ export interface Config {
   warnings: string[];
   /** TASK_HTTP_PORT: the monitor's listener (lib/monitor.ts); off when unset. */
   http?: { hostname: string; port: number; token?: string };
+  /** Each hook's secret (hook name to value), when this worker's listener receives them. */
+  hookSecrets?: Map<string, string>;
 }
 
 /** An iron.json file found on disk, as read (path for error messages). */
@@ -458,6 +461,21 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   );
   task.catalog = loaded?.catalog;
   warnings.push(...loaded?.warnings ?? []);
+  // Hooks come in on the listener: without one this worker only runs their
+  // tasks (another worker may receive them), and needs none of their secrets.
+  const hooks = task.catalog?.hooks ?? new Map();
+  let hookSecretValues: Map<string, string> | undefined;
+  if (hooks.size > 0 && http === undefined) {
+    warnings.push(
+      `${task.catalog!.path}: hooks (${
+        [...hooks.keys()].join(", ")
+      }) are not received by this worker: set TASK_HTTP_PORT to receive them (it still runs their tasks)`,
+    );
+  } else if (hooks.size > 0) {
+    const found = hookSecrets(task.catalog!.path, hooks, env);
+    problems.push(...found.problems);
+    hookSecretValues = found.secrets;
+  }
   if (task.deadLetterQueue === queueName) {
     problems.push(
       "TASK_DEAD_LETTER_QUEUE: must differ from IRON_MQ_QUEUE_NAME",
@@ -484,6 +502,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     logFormat,
     warnings,
     http,
+    hookSecrets: hookSecretValues,
   };
 }
 

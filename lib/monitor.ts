@@ -10,7 +10,8 @@
  * - `GET /`: one page (page.html, plain HTML/CSS/JS) that shows it all live;
  * - `GET /events`: the same as Server-Sent Events: a snapshot, then changes;
  * - `GET /metrics`: Prometheus text; `GET /healthz`; `GET /readyz`;
- * - `GET /api/dead-letters`, `POST /api/dead-letters/<id>/requeue|discard`.
+ * - `GET /api/dead-letters`, `POST /api/dead-letters/<id>/requeue|discard`;
+ * - `POST /hooks/<name>`: webhooks (lib/hooks.ts), trusted by their signature.
  *
  * It imports only types from tasks.ts, so tasks.ts can import it.
  */
@@ -24,6 +25,7 @@ import {
   Registry,
 } from "prom-client";
 import { type DeadLetter, type DeadLetters } from "./dead_letters.ts";
+import { type HookAnswer } from "./hooks.ts";
 import { type HostState, type RunResult } from "./ssh.ts";
 import { bracketIPv6, errorText, isLoopback, isRecord } from "./util.ts";
 
@@ -123,6 +125,10 @@ export interface ServeOptions {
   deadLetters: DeadLetterQueue;
   maskBody: (body: string) => string;
   log: (line: string) => void;
+  /** With hooks in the catalog: answers POST /hooks/<name> (lib/hooks.ts). */
+  hooks?: (name: string, request: Request, remote: string) => Promise<
+    HookAnswer
+  >;
 }
 
 export class Monitor {
@@ -135,6 +141,9 @@ export class Monitor {
   private readonly sshErrors: Counter<"host" | "kind">;
   private readonly queueRequests: Counter<"op" | "status">;
   private readonly deadLetters: Counter<"task">;
+  private readonly hookRequests: Counter<"hook" | "outcome">;
+  /** hook, then outcome, to its count: for the page. */
+  private readonly hookCounts = new Map<string, Record<string, number>>();
 
   private readonly runs = new Map<string, Run>();
   private readonly results: ResultView[] = [];
@@ -198,6 +207,12 @@ export class Monitor {
       name: "tasks_dead_letters_total",
       help: "Messages moved to the dead-letter queue, by task.",
       labelNames: ["task"],
+      registers,
+    });
+    this.hookRequests = new Counter({
+      name: "tasks_hook_requests_total",
+      help: "Webhook requests (POST /hooks/<name>), by hook and outcome.",
+      labelNames: ["hook", "outcome"],
       registers,
     });
     // prom-client's other process_* metrics read /proc/self, which Deno only
@@ -423,6 +438,7 @@ export class Monitor {
       })),
       results: this.results,
       hosts: [...this.hosts.values()],
+      hooks: Object.fromEntries(this.hookCounts),
     };
   }
 
@@ -475,6 +491,18 @@ export class Monitor {
     const api = new DeadLetterApi(options);
     const handle = async (request: Request, remote: string) => {
       const url = new URL(request.url);
+      // A hook's signature is its authentication: no token, any Host (it
+      // sits behind a proxy). Only /hooks/<name> opens this way.
+      const hook = /^\/hooks\/([^/]*)$/.exec(url.pathname);
+      if (hook && options.hooks) {
+        const answer = await options.hooks(hook[1], request, remote);
+        this.hookRequests.inc({ hook: answer.hook, outcome: answer.outcome });
+        const counts = this.hookCounts.get(answer.hook) ?? {};
+        counts[answer.outcome] = (counts[answer.outcome] ?? 0) + 1;
+        this.hookCounts.set(answer.hook, counts);
+        this.broadcast("hook", { hook: answer.hook, counts });
+        return answer.response;
+      }
       const refused = refusal(request, url, tokenDigest);
       if (refused) return refused;
       const route = `${request.method} ${url.pathname}`;
