@@ -183,8 +183,10 @@ function parseHook(
       }
     }
   }
+  // Named, even where its path is wrong: one problem, not two.
+  const mapped = isRecord(raw.params) ? Object.keys(raw.params) : [];
   for (const p of task?.params ?? []) {
-    if (p.required && !params.some((m) => m.param === p.name)) {
+    if (p.required && !mapped.includes(p.name)) {
       complain(
         ".params",
         `task ${raw.task}'s required parameter ${p.name} is not given: map it to a path in the body`,
