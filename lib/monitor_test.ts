@@ -10,6 +10,7 @@ import { DeadLetters, maskedBody } from "./dead_letters.ts";
 import { Secrets } from "./log.ts";
 import { ConfigError } from "./util.ts";
 import { Monitor, type ServeOptions } from "./monitor.ts";
+import { HookReceiver } from "./hooks.ts";
 import {
   checkMetrics,
   freePort,
@@ -1205,4 +1206,79 @@ Deno.test({
         assert.equal(status.code, 0, worker.lines.join("\n"));
       }
     }),
+});
+
+Deno.test({
+  name:
+    "web: the page counts webhook requests by hook and outcome, live and after a reload",
+  ...browserTest,
+  async fn() {
+    const hookQueue = await startTestQueue();
+    const { catalog } = parseCatalog(
+      "tasks.yaml",
+      `
+tasks:
+  ping:
+    command: echo {{n}}
+    params: { n: { type: integer } }
+hooks:
+  alerts:
+    task: ping
+    verify: { gitlab: { token_env: T } }
+    params: { n: n }
+`,
+      {
+        timeoutMs: 0,
+        maxAttempts: 3,
+        host: { user: "op", port: 22, jump: [] },
+      },
+    );
+    const receiver = new HookReceiver({
+      catalog,
+      secrets: new Map([["alerts", "the-token"]]),
+      hosts: [],
+      queue: hookQueue.client,
+      queueName: "jobs",
+      log: () => {},
+      now: () => Date.now(),
+    });
+    const send = (token: string) =>
+      fetch(`${served}/hooks/alerts`, {
+        method: "POST",
+        headers: {
+          "X-Gitlab-Token": token,
+          "Content-Type": "application/json",
+        },
+        body: '{"n": 1}',
+      }).then((r) => r.body?.cancel());
+    let served = "";
+    const shown =
+      `document.querySelector('[data-hook="alerts"] .detail')?.textContent`;
+    try {
+      await withMonitor({
+        hooks: (name, request, remote) =>
+          receiver.receive(name, request, remote),
+      }, ({ url }) =>
+        withBrowser(async (browser) => {
+          served = url;
+          const tab = await browser.open({ width: 1280, height: 800 });
+          await tab.goto(url);
+          await tab.waitFor(
+            `document.getElementById("live").textContent === "live"`,
+          );
+          assert.equal(await tab.value(`$("hooks-section").hidden`), true);
+          await send("the-token");
+          await send("wrong");
+          await send("wrong");
+          await tab.waitFor(`${shown} === "accepted 1 · unauthorized 2"`);
+          await tab.goto(url);
+          await tab.waitFor(`${shown} === "accepted 1 · unauthorized 2"`);
+          assert.equal(await tab.value(`$("hooks-count").textContent`), "1");
+          assert.deepEqual(await tab.errors(), []);
+        }));
+      assert.equal(await hookQueue.size(), 1);
+    } finally {
+      await hookQueue.close();
+    }
+  },
 });
