@@ -1266,7 +1266,7 @@ hooks:
           await tab.waitFor(
             `document.getElementById("live").textContent === "live"`,
           );
-          assert.equal(await tab.value(`$("hooks-section").hidden`), true);
+          assert.equal(await tab.value(`$("hooks-section")`), null);
           await send("the-token");
           await send("wrong");
           await send("wrong");
