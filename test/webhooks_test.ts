@@ -274,11 +274,8 @@ Deno.test({
           "a".repeat(200_000)
         }\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`,
       );
-      assert.doesNotMatch(
-        bigHeader,
-        /^HTTP\/1\.1 2/,
-        "a huge header is no pass",
-      );
+      // Deno's server answers 400 past its header limit (about 64 KiB), unread.
+      assert.match(bigHeader, /^HTTP\/1\.1 4\d\d /);
       assert.equal((await fetch(`${base}/healthz`)).status, 200);
 
       // GitLab's token, and the generic HMAC with sha256 and with sha512.
