@@ -13,10 +13,10 @@
 
 import { type Env, envValue, isRecord } from "./util.ts";
 
-export type HmacAlgorithm = "sha256" | "sha512";
+type HmacAlgorithm = "sha256" | "sha512";
 
 /** How a hook's requests are trusted. */
-export type HookVerify =
+type HookVerify =
   /** X-Hub-Signature-256: `sha256=` and the hex HMAC-SHA256 of the body. */
   | { kind: "github"; secretEnv: string }
   /** X-Gitlab-Token: the token itself. */
@@ -54,7 +54,7 @@ interface TaskShape {
 
 type Complain = (where: string, what: string) => void;
 
-export const HOOK_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+const HOOK_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** An HTTP header name (RFC 9110 token). */
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$/;

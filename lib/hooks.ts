@@ -23,14 +23,14 @@ import { parseJsonBody, planMessage } from "./message.ts";
 import { errorText, isRecord, readAtMost } from "./util.ts";
 
 /** GitHub's own limit on a delivery's payload is 25 MB; ours is the queue's kind of size. */
-export const MAX_HOOK_BODY_BYTES = 1024 * 1024;
+const MAX_HOOK_BODY_BYTES = 1024 * 1024;
 /** How long a delivery id is remembered. */
 const DEDUPE_MS = 24 * 60 * 60 * 1000;
 /** Delivery ids kept at most (each at most 128 characters): about 20 MB at worst. */
 const DEDUPE_KEPT = 50_000;
 const MAX_DELIVERY_ID = 128;
 
-export type HookOutcome =
+type HookOutcome =
   | "accepted"
   | "unauthorized"
   | "unknown_hook"
@@ -42,7 +42,7 @@ export type HookOutcome =
   | "queue_error";
 
 /** The label of a request for no configured hook (kept out of the hook names' space). */
-export const UNKNOWN_HOOK = "(unknown)";
+const UNKNOWN_HOOK = "(unknown)";
 
 export interface HookAnswer {
   /** The hook's name, or UNKNOWN_HOOK: a bounded label. */
@@ -51,7 +51,7 @@ export interface HookAnswer {
   response: Response;
 }
 
-export interface HookDeps {
+interface HookDeps {
   catalog: Catalog;
   /** Hook name to its secret or token (lib/config.ts, from the environment). */
   secrets: Map<string, string>;
@@ -150,7 +150,17 @@ export class HookReceiver {
       );
     const length = Number(request.headers.get("content-length") ?? 0);
     if (length > MAX_HOOK_BODY_BYTES) return tooLarge();
-    const bytes = await readAtMost(request.body, MAX_HOOK_BODY_BYTES);
+    let bytes: Uint8Array | undefined;
+    try {
+      bytes = await readAtMost(request.body, MAX_HOOK_BODY_BYTES);
+    } catch (e) {
+      return refuse(
+        400,
+        "bad_request",
+        "the body could not be read",
+        `the body: ${errorText(e)}`,
+      );
+    }
     if (bytes === undefined) return tooLarge();
 
     const secret = this.deps.secrets.get(hook.name);
@@ -316,7 +326,11 @@ function readPayload(
   if (type === "application/x-www-form-urlencoded") {
     const payload = new URLSearchParams(text).get("payload");
     if (payload === null) {
-      return { status: 400, error: "a form body needs its JSON in payload=" };
+      return {
+        status: 400,
+        error:
+          "a form body needs its JSON in payload= (or send Content-Type: application/json)",
+      };
     }
     text = payload;
   } else if (type !== "application/json" && !type.endsWith("+json")) {

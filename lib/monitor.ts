@@ -120,7 +120,7 @@ type DeadLetterQueue = Pick<DeadLetters, "list" | "requeue" | "discard">;
 export interface ServeOptions {
   hostname: string;
   port: number;
-  /** When set, every request but the page itself and /healthz must carry it. */
+  /** When set, every request but the page itself, /healthz and the hooks must carry it. */
   token?: string;
   deadLetters: DeadLetterQueue;
   maskBody: (body: string) => string;
