@@ -161,10 +161,11 @@ export function parseCatalog(
       defaultTask = root.default;
     }
   }
-  // Only when the tasks parse: a hook naming a broken task is one problem, not two.
-  const hooks = problems.length > 0 ? new Map() : parseHooks(
+  // Every declared task, those with problems as undefined: one problem, not two.
+  const declared = isRecord(root.tasks) ? Object.keys(root.tasks) : [];
+  const hooks = parseHooks(
     root.hooks,
-    tasks,
+    new Map(declared.map((name) => [name, tasks.get(name)])),
     (where, what) => problems.push(at(`hooks${where}`, what)),
   );
   if (problems.length > 0) throw new ConfigError(problems);

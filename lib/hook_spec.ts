@@ -64,11 +64,12 @@ const ALGORITHMS: HmacAlgorithm[] = ["sha256", "sha512"];
 
 /**
  * `hooks:` of a catalog, every problem told to `complain` with its place
- * (`.<hook>.<field>`); hooks with problems are left out.
+ * (`.<hook>.<field>`); hooks with problems are left out. `tasks` holds every
+ * task the catalog declares: undefined for one with problems of its own.
  */
 export function parseHooks(
   value: unknown,
-  tasks: Map<string, TaskShape>,
+  tasks: Map<string, TaskShape | undefined>,
   complain: Complain,
 ): Map<string, HookSpec> {
   const hooks = new Map<string, HookSpec>();
@@ -93,7 +94,7 @@ const HOOK_FIELDS = ["task", "verify", "when", "params", "dedupe_header"];
 function parseHook(
   name: string,
   raw: unknown,
-  tasks: Map<string, TaskShape>,
+  tasks: Map<string, TaskShape | undefined>,
   complain: Complain,
 ): HookSpec | undefined {
   if (!HOOK_NAME.test(name)) {
@@ -109,7 +110,10 @@ function parseHook(
     }
   }
   const task = typeof raw.task === "string" ? tasks.get(raw.task) : undefined;
-  if (task === undefined) {
+  // A task with problems of its own: those say what to fix.
+  const broken = typeof raw.task === "string" && tasks.has(raw.task) &&
+    task === undefined;
+  if (task === undefined && !broken) {
     complain(
       ".task",
       `must name one of the tasks (${[...tasks.keys()].join(", ") || "none"})`,

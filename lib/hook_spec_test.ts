@@ -152,3 +152,32 @@ Deno.test("hooks: a worker without a listener starts with a warning and needs no
     "/etc/tasks.yaml: hooks (gh, gl) are not received by this worker: set TASK_HTTP_PORT to receive them (it still runs their tasks)",
   ]);
 });
+
+Deno.test("hooks: a hook's mistakes are named beside its task's, once each", () => {
+  const text = `
+tasks:
+  broken:
+    command: echo {{x}}
+hooks:
+  a:
+    task: broken
+    verify: {github: {secret_env: GH}}
+  b:
+    task: broken
+    verify: {hmac: {secret_env: S, header: X-S, algorithm: md5}}
+`;
+  try {
+    parseCatalog("tasks.yaml", text, {
+      timeoutMs: 0,
+      maxAttempts: 5,
+      host: HOST_DEFAULTS,
+    });
+    assert.fail("expected a ConfigError");
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    assert.deepEqual(e.problems, [
+      "tasks.yaml: tasks.broken.command: {{x}} has no parameter: declare it under params",
+      "tasks.yaml: hooks.b.verify.hmac.algorithm: must be sha256 or sha512 (SHA-1 and MD5 are too weak)",
+    ]);
+  }
+});
