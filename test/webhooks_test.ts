@@ -8,8 +8,17 @@
  */
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
-import { needs, type Sshd, sshdMissing, sshEnv, startSshd } from "./sshd.ts";
-import { freePort } from "./sshd.ts";
+import {
+  checkMetrics,
+  freePort,
+  needs,
+  PROMTOOL,
+  type Sshd,
+  sshdMissing,
+  sshEnv,
+  startSshd,
+  toolMissing,
+} from "./sshd.ts";
 import { baseEnv, sample, spawnCollecting, until } from "./support.ts";
 
 const GH_SECRET = "gh-secret-for-the-test-0123456789";
@@ -99,7 +108,10 @@ async function rawStatus(port: number, request: string): Promise<string> {
 Deno.test({
   name:
     "webhooks: a real worker runs a signed GitHub push with its mapped parameters, refuses the rest without posting, and answers 1,000 at once each once",
-  ...needs(sshdMissing(), "webhooks into a real worker"),
+  ...needs(
+    toolMissing(PROMTOOL, "prometheus") ?? sshdMissing(),
+    "webhooks into a real worker",
+  ),
   async fn() {
     const sshd: Sshd = await startSshd();
     const out = `${sshd.dir}/out`;
@@ -407,6 +419,7 @@ Deno.test({
       assert.equal(count("github", "duplicate"), 201);
       assert.equal(count("(unknown)", "unknown_hook"), 1);
       assert.equal(count("alert512", "unauthorized"), 1);
+      await checkMetrics(metrics);
       // No secret in the log.
       const log = worker.lines.join("\n");
       for (const secret of [GH_SECRET, GL_TOKEN, ALERT_SECRET, HTTP_TOKEN]) {
