@@ -101,6 +101,8 @@ export interface TaskConfig {
   catalog?: Catalog;
   /** Where each message's result goes when it names no reply_to queue. */
   resultsQueue?: string;
+  /** How long a revocation (a cancel) holds, in seconds (TASK_REVOKE_TTL). */
+  revokeTtlSeconds: number;
 }
 
 export interface Config {
@@ -434,6 +436,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     pollWaitSeconds: read.integer("TASK_POLL_WAIT", 5, 0, 30),
     // Grace + 2 s of TERM/KILL stays under runit's 7 s `sv` timeout.
     shutdownGraceMs: read.seconds("TASK_SHUTDOWN_GRACE", 4, 0, 3600) * 1000,
+    revokeTtlSeconds: revokeTtl(read),
   };
   if (task.command.trim() === "") {
     problems.push("TASK_COMMAND: must not be blank");
@@ -525,6 +528,8 @@ export function senderConfig(
   deadLetterQueue: string;
   /** Who sends: the user name (SSH_USER's default), for the messages' `sender`. */
   user: string;
+  /** TASK_REVOKE_TTL: how long a cancel holds, in seconds. */
+  revokeTtlSeconds: number;
 } {
   const context = configContext(env);
   const read = new EnvReader(env);
@@ -546,6 +551,7 @@ export function senderConfig(
   );
   const catalog = loadCatalog(context.catalogFile, defaults, read.problems)
     ?.catalog;
+  const revokeTtlSeconds = revokeTtl(read);
   if (read.problems.length > 0) throw new ConfigError(read.problems);
   return {
     queue,
@@ -553,7 +559,16 @@ export function senderConfig(
     hosts,
     deadLetterQueue,
     user: context.user,
+    revokeTtlSeconds,
   };
+}
+
+/**
+ * TASK_REVOKE_TTL: a revocation holds a day by default, so a delayed run is
+ * still cancelled when it comes up; at most IronMQ's 7-day delay.
+ */
+function revokeTtl(read: EnvReader): number {
+  return read.seconds("TASK_REVOKE_TTL", 86_400, 1, 604_800);
 }
 
 /** SSH_HOST's list, and what hosts written without user, port or jump get. */
