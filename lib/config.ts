@@ -490,6 +490,14 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   };
 }
 
+/**
+ * TASK_REVOKE_TTL: a revocation holds a day by default, so a delayed run is
+ * still cancelled when it comes up; at most IronMQ's 7-day delay.
+ */
+function revokeTtl(read: EnvReader): number {
+  return read.seconds("TASK_REVOKE_TTL", 86_400, 1, 604_800);
+}
+
 /** TASK_HTTP_*: the monitor's listener, off unless TASK_HTTP_PORT is set. */
 function httpSettings(read: EnvReader): Config["http"] {
   if (read.optional("TASK_HTTP_PORT") === undefined) return undefined;
@@ -564,11 +572,29 @@ export function senderConfig(
 }
 
 /**
- * TASK_REVOKE_TTL: a revocation holds a day by default, so a delayed run is
- * still cancelled when it comes up; at most IronMQ's 7-day delay.
+ * Where `deno task runs` finds a running worker's listener: its TASK_HTTP_PORT,
+ * TASK_HTTP_HOST and TASK_HTTP_TOKEN, as the worker reads them.
  */
-function revokeTtl(read: EnvReader): number {
-  return read.seconds("TASK_REVOKE_TTL", 86_400, 1, 604_800);
+export function listenerConfig(
+  env: Env,
+): { url: string; token?: string } {
+  const read = new EnvReader(env);
+  const http = httpSettings(read);
+  if (http === undefined) {
+    read.problems.push(
+      "TASK_HTTP_PORT: not set; set it (and TASK_HTTP_HOST, TASK_HTTP_TOKEN) as the worker has them: the run history is read from its listener",
+    );
+  } else if (http.port === 0) {
+    read.problems.push(
+      "TASK_HTTP_PORT=0: the worker listens on a port chosen at start; give the port its log names (web: listening on ...)",
+    );
+  }
+  if (read.problems.length > 0) throw new ConfigError(read.problems);
+  const host = http!.hostname === "0.0.0.0" ? "127.0.0.1" : http!.hostname;
+  return {
+    url: `http://${bracketIPv6(host)}:${http!.port}`,
+    token: http!.token,
+  };
 }
 
 /** SSH_HOST's list, and what hosts written without user, port or jump get. */
