@@ -198,7 +198,7 @@ export class Settler {
       messageId: held.message.id,
       task: taskLabel(held),
       outcome,
-      hosts: this.hostsOf(held, 2048),
+      hosts: this.hostsOf(held, 2048, outcome === "revoked"),
       finishedAt: this.deps.clock.now(),
       reason: masked,
     });
@@ -210,7 +210,7 @@ export class Settler {
       task_id: runIdOf(held),
       attempts: held.attempt,
       reason: masked ?? null,
-      hosts: this.hostsOf(held, 64 * 1024),
+      hosts: this.hostsOf(held, 64 * 1024, outcome === "revoked"),
     });
   }
 
@@ -380,7 +380,7 @@ export class Settler {
       task_id: held.meta?.taskId ?? null,
       task: held.meta?.task ?? null,
       status,
-      hosts: this.hostsOf(held, Infinity),
+      hosts: this.hostsOf(held, Infinity, status === "REVOKED"),
       attempts: held.attempt,
       started_at: runs.length > 0
         ? new Date(Math.min(...runs.map((r) => r.startedAt))).toISOString()
@@ -399,6 +399,8 @@ export class Settler {
   private hostsOf(
     held: Held,
     tailChars: number,
+    /** Its runs were stopped by a cancel (REVOKED), not by a shutdown. */
+    cancelled = false,
   ): Record<string, HostOutcome & { truncated: Record<string, boolean> }> {
     const mask = this.maskerFor(held);
     const tail = (t: Tail) => mask(t.toString()).slice(-tailChars);
@@ -425,7 +427,7 @@ export class Settler {
           : result.kind === "timeout"
           ? "timed out"
           : result.kind === "aborted"
-          ? "stopped by shutdown"
+          ? cancelled ? "stopped by a cancel" : "stopped by shutdown"
           : null,
       };
     }

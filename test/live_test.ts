@@ -214,6 +214,7 @@ interface Result {
   task_id: string;
   status: string;
   reason: string | null;
+  hosts: Record<string, { error: string | null; stdout: string }>;
 }
 
 /** The results on `replies`, read without taking them. */
@@ -281,6 +282,8 @@ Deno.test({
       )!;
       assert.equal(running.status, "REVOKED");
       assert.match(running.reason ?? "", /^cancelled by \S+@\S+ at \d{4}-/);
+      assert.equal(running.hosts["127.0.0.1"].error, "stopped by a cancel");
+      assert.equal(running.hosts["127.0.0.1"].stdout, "first of running\n");
       assert.match(
         logs(),
         /\[127\.0\.0\.1\] stopped by a cancel \(message \d+/,
@@ -297,7 +300,7 @@ Deno.test({
       });
 
       // A delayed run: both workers know of the cancel before its eta; deleted unrun.
-      const etaMs = Date.now() + 6_000;
+      const etaMs = Date.now() + 12_000;
       await q.post([JSON.stringify({
         id: "run-delayed",
         task: "hang",
