@@ -129,7 +129,7 @@ Deno.test("runs follow prints a run's lines from the listener, then its end, exi
       dropped: 0,
     });
     await follower.line(/^\[web1\] err: careful$/);
-    live.settled("run-7", "70", {
+    live.settled("run-7", "70", () => ({
       event: "RESULT",
       status: "FAILURE",
       message_id: "70",
@@ -146,7 +146,7 @@ Deno.test("runs follow prints a run's lines from the listener, then its end, exi
           error: null,
         },
       },
-    });
+    }));
     await follower.child.status;
     const { code } = await follower.stop();
     assert.equal(code, 4, follower.lines.join("\n"));

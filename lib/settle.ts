@@ -203,7 +203,7 @@ export class Settler {
       reason: masked,
     });
     // Its followers on the listener (runs follow) get its end as a result.
-    this.deps.live?.settled(runIdOf(held), held.message.id, {
+    this.deps.live?.settled(runIdOf(held), held.message.id, () => ({
       event: "RESULT",
       status: STATUS_OF[outcome],
       message_id: held.message.id,
@@ -211,7 +211,7 @@ export class Settler {
       attempts: held.attempt,
       reason: masked ?? null,
       hosts: this.hostsOf(held, 64 * 1024, outcome === "revoked"),
-    });
+    }));
   }
 
   async idle(): Promise<void> {

@@ -315,13 +315,15 @@ export class LiveRuns {
     return (event) => this.tell(followed, event);
   }
 
-  /** The run's attempt is settled: its followers get the end, and are let go. */
-  settled(runId: string, messageId: string, end: RunEnd): void {
+  /** The run's attempt is settled: its followers get the end (made only for them), and are let go. */
+  settled(runId: string, messageId: string, end: () => RunEnd): void {
     const run = this.runs.get(runId);
     if (run === undefined || !run.messageIds.has(messageId)) return;
-    const text = sseEvent("result", end);
+    const text = run.followers.size === 0
+      ? undefined
+      : sseEvent("result", end());
     for (const follower of run.followers) {
-      follower.send(text);
+      follower.send(text!);
       follower.close();
     }
     for (const id of run.messageIds) this.byMessage.delete(id);

@@ -228,9 +228,9 @@ Deno.test("stream: a follower on the listener gets what a run showed lately, the
     reason: null,
     hosts: {},
   };
-  live.settled("r1", "other-message", end); // not this run's message: ignored
+  live.settled("r1", "other-message", () => end); // not this run's message: ignored
   assert.equal(live.runIdOf("r1"), "r1");
-  live.settled("r1", "m1", end);
+  live.settled("r1", "m1", () => end);
   const events = await reading;
   assert.deepEqual(events.map((e) => e.event), [
     "started",
