@@ -66,7 +66,11 @@ import {
 } from "./lib/log.ts";
 import { planMessage } from "./lib/message.ts";
 import { realClock, settledOrAborted } from "./lib/retry.ts";
-import { postRevocation, Revocations, revokedReason } from "./lib/revoke.ts";
+import {
+  cancelFromListener,
+  Revocations,
+  revokedReason,
+} from "./lib/revoke.ts";
 import { AttemptCounter, Settler } from "./lib/settle.ts";
 import { type RunResult, SshHosts } from "./lib/ssh.ts";
 import { LiveRuns, RunStream } from "./lib/stream.ts";
@@ -145,28 +149,15 @@ async function main(): Promise<number> {
         log: (line) => log.info(line),
         runs: {
           follow: (id) => live.follow(id),
-          cancel: async (id, who) => {
-            const run = live.runIdOf(id) ?? id;
-            try {
-              await postRevocation(
-                revocationQueue,
-                config.queue.queueName,
-                run,
-                who,
-                Date.now(),
-                config.task.revokeTtlSeconds,
-              );
-              log.info(`run ${run}: cancel asked by ${who}`);
-              return { ok: true, text: `run ${run}: cancel posted` };
-            } catch (e) {
-              return {
-                ok: false,
-                text: `cannot post the cancel of run ${run}: ${
-                  errorText(e)
-                }; try again`,
-              };
-            }
-          },
+          cancel: (id, who) =>
+            cancelFromListener(
+              revocationQueue,
+              config.queue.queueName,
+              live.runIdOf(id) ?? id,
+              who,
+              config.task.revokeTtlSeconds,
+              log,
+            ),
         },
       });
     } catch (e) {

@@ -104,6 +104,29 @@ export async function postRevocation(
   return id;
 }
 
+/** A cancel asked on the listener (the page's Stop): posted, and what to tell the page. */
+export async function cancelFromListener(
+  queue: Pick<QueueApi, "post">,
+  queueName: string,
+  run: string,
+  who: string,
+  ttlSeconds: number,
+  log: Log,
+): Promise<{ ok: boolean; text: string }> {
+  try {
+    await postRevocation(queue, queueName, run, who, Date.now(), ttlSeconds);
+  } catch (e) {
+    return {
+      ok: false,
+      text: `cannot post the cancel of run ${run} to ${
+        revokedQueueOf(queueName)
+      }: ${errorText(e)}; try again`,
+    };
+  }
+  log.info(`run ${run}: cancel asked by ${who}`);
+  return { ok: true, text: `run ${run}: cancel posted` };
+}
+
 interface Watch {
   ids: string[];
   stop: (revocation: Revocation) => void;
