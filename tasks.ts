@@ -48,6 +48,7 @@ import {
   type Failure,
   fieldsOf,
   type Held,
+  runIdOf,
   type RunRecord,
   taskLabel,
   type WorkerDeps,
@@ -66,8 +67,14 @@ import {
 } from "./lib/log.ts";
 import { planMessage } from "./lib/message.ts";
 import { realClock, settledOrAborted } from "./lib/retry.ts";
+import {
+  cancelFromListener,
+  Revocations,
+  revokedReason,
+} from "./lib/revoke.ts";
 import { AttemptCounter, Settler } from "./lib/settle.ts";
 import { type RunResult, SshHosts } from "./lib/ssh.ts";
+import { LiveRuns, RunStream } from "./lib/stream.ts";
 
 /** Starts everything from the environment; resolves to the exit code. */
 async function main(): Promise<number> {
@@ -121,8 +128,18 @@ async function main(): Promise<number> {
   // listener serves the page, the metrics and the dead-letter actions;
   // without one, nothing is counted.
   const monitor = config.http ? new Monitor() : undefined;
+  // Cancels (lib/revoke.ts): seen by peeking <queue>_revoked; and the runs
+  // under way, for whoever follows one on the listener (lib/stream.ts).
+  const revocationQueue = new IronMqClient(config.queue);
+  const revocations = new Revocations(
+    revocationQueue,
+    config.queue.queueName,
+    realClock,
+    log,
+  );
+  const live = config.http ? new LiveRuns() : undefined;
   let web: { close(): Promise<void> } | undefined;
-  if (monitor && config.http) {
+  if (monitor && live && config.http) {
     // The catalog's hooks (lib/hooks.ts) post their tasks' messages to the queue.
     const catalog = config.task.catalog;
     const hooks = catalog && config.hookSecrets && new HookReceiver({
@@ -145,6 +162,18 @@ async function main(): Promise<number> {
         ),
         maskBody: (body) => maskedBody(body, config.task.catalog, secrets),
         log: (line) => log.info(line),
+        runs: {
+          follow: (id) => live.follow(id),
+          cancel: (id, who) =>
+            cancelFromListener(
+              revocationQueue,
+              config.queue.queueName,
+              live.runIdOf(id) ?? id,
+              who,
+              config.task.revokeTtlSeconds,
+              log,
+            ),
+        },
       });
     } catch (e) {
       log.error(
@@ -177,6 +206,8 @@ async function main(): Promise<number> {
       clock: realClock,
       secrets,
       monitor,
+      revocations,
+      live,
     },
     config.queue.queueName,
   );
@@ -207,8 +238,10 @@ async function main(): Promise<number> {
     }, ${runs}, concurrency ${config.task.concurrency}`,
   );
   for (const warning of config.warnings) log.warn(warning);
+  const watching = revocations.run(stop.signal);
   try {
     await worker.run(stop.signal);
+    await watching;
   } finally {
     Deno.removeSignalListener("SIGTERM", onSignal);
     Deno.removeSignalListener("SIGINT", onSignal);
@@ -373,6 +406,13 @@ export class Worker {
         )
         : this.settler.resendPosts(held, owed);
     }
+    // Cancelled (runs cancel, the page's Stop) before it started: never run.
+    const revoked = this.deps.revocations?.of([runIdOf(held), id]);
+    if (revoked !== undefined) {
+      const reason = revokedReason(revoked);
+      log.warn(`message ${id}${named}: not run: ${reason}`, about);
+      return this.settler.revoke(held, reason);
+    }
     switch (plan.kind) {
       case "reject":
         log.error(
@@ -414,6 +454,15 @@ export class Worker {
     const timeoutMs = plan.task?.timeoutMs ?? this.task.timeoutMs;
     const limit = `${timeoutMs / 1000} s`;
     const limitSource = plan.task ? "its timeout" : "TASK_TIMEOUT";
+    // Cancelled while it runs: stopped as a timeout is (TERM, then KILL).
+    const cancel = new AbortController();
+    let cancelled: string | undefined;
+    const unwatch = this.deps.revocations?.watch([runIdOf(held), id], (r) => {
+      cancelled = revokedReason(r);
+      log.warn(`message ${id}${named}: ${cancelled}: stopping it`, about);
+      cancel.abort();
+    });
+    const stream = this.streamOf(held, hosts.map((h) => h.name));
     const runs = await this.fanOut(hosts, async (host) => {
       log.info(`[${host.name}] run: ${display}`, { ...about, host: host.name });
       const run = await this.execute(
@@ -422,11 +471,20 @@ export class Worker {
         display,
         timeoutMs,
         held,
+        cancel.signal,
+        stream,
       );
-      logEnd(log, run, id, limit, { ...about, host: host.name });
+      logEnd(log, run, id, limit, { ...about, host: host.name }, cancelled);
       return run;
     });
     held.runs = runs;
+    unwatch?.();
+    await stream?.end(); // its last lines go before its result
+    if (
+      cancelled !== undefined && runs.some((r) => r.result.kind === "aborted")
+    ) {
+      return this.settler.revoke(held, cancelled);
+    }
 
     const failed = runs.filter((r) =>
       r.result.kind !== "exit" || r.result.code !== 0
@@ -478,6 +536,28 @@ export class Worker {
     return this.settler.failed(held, failure);
   }
 
+  /**
+   * Its output as it comes: to its reply queue when it asks ("stream": true),
+   * and to its followers on the listener; undefined when neither is there.
+   */
+  private streamOf(held: Held, hosts: string[]): RunStream | undefined {
+    const replyTo = held.meta?.stream ? held.meta.replyTo : undefined;
+    const post = replyTo === undefined
+      ? undefined
+      : (body: string) => this.deps.queue.post(replyTo, [body]);
+    const feed = this.deps.live?.open(runIdOf(held), held.message.id);
+    if (post === undefined && feed === undefined) return undefined;
+    const stream = new RunStream(
+      { taskId: runIdOf(held), messageId: held.message.id },
+      { post, feed },
+      this.deps.clock,
+      this.deps.log,
+      `message ${held.message.id}`,
+    );
+    stream.started(hosts, held.attempt);
+    return stream;
+  }
+
   /** Runs `each` for every host, at most TASK_HOST_PARALLELISM at once, in order. */
   private async fanOut(
     hosts: HostSpec[],
@@ -503,6 +583,8 @@ export class Worker {
     display: string,
     timeoutMs: number,
     held: Held,
+    cancelled: AbortSignal,
+    stream: RunStream | undefined,
   ): Promise<RunRecord> {
     const { log, clock } = this.deps;
     const secrets = held.secrets ?? new Secrets([]);
@@ -517,11 +599,10 @@ export class Worker {
       (line) => {
         stdout.add(line);
         log.info(`${prefix} out: ${line}`, { ...about, stream: "stdout" });
-        monitor?.commandOutput(
-          runId,
-          "out",
-          escapeControls(secrets.mask(line)),
-        );
+        if (monitor === undefined && stream === undefined) return;
+        const shown = escapeControls(secrets.mask(line));
+        monitor?.commandOutput(runId, "out", shown);
+        stream?.line(host.name, "out", shown);
       },
       { secrets },
     );
@@ -529,11 +610,10 @@ export class Worker {
       (line) => {
         stderr.add(line);
         log.info(`${prefix} err: ${line}`, { ...about, stream: "stderr" });
-        monitor?.commandOutput(
-          runId,
-          "err",
-          escapeControls(secrets.mask(line)),
-        );
+        if (monitor === undefined && stream === undefined) return;
+        const shown = escapeControls(secrets.mask(line));
+        monitor?.commandOutput(runId, "err", shown);
+        stream?.line(host.name, "err", shown);
       },
       { secrets },
     );
@@ -547,7 +627,10 @@ export class Worker {
       stderr,
     });
     // Stopping: the hosts of a fan-out not started yet never start.
-    if (this.stopping?.aborted || this.hardStop.signal.aborted) {
+    if (
+      this.stopping?.aborted || this.hardStop.signal.aborted ||
+      cancelled.aborted
+    ) {
       return record({ kind: "aborted" });
     }
     const controller = new AbortController();
@@ -566,7 +649,7 @@ export class Worker {
         onStdout: (chunk) => out.push(chunk),
         onStderr: (chunk) => err.push(chunk),
         timeoutMs,
-        signal: controller.signal,
+        signal: AbortSignal.any([controller.signal, cancelled]),
       });
       out.end();
       err.end();
@@ -610,6 +693,7 @@ function logEnd(
   id: string,
   limit: string,
   about: LogFields,
+  cancelled?: string,
 ): void {
   const prefix = `[${run.host.name}]`;
   const took = `${run.finishedAt - run.startedAt} ms`;
@@ -635,7 +719,9 @@ function logEnd(
       );
     case "aborted":
       return log.warn(
-        `${prefix} stopped by shutdown (message ${id}, ${took})`,
+        `${prefix} stopped by ${
+          cancelled === undefined ? "shutdown" : "a cancel"
+        } (message ${id}, ${took})`,
         about,
       );
     case "unreachable":

@@ -115,6 +115,7 @@ function taskConfig(overrides: Partial<TaskConfig> = {}): TaskConfig {
     reservationTimeoutSeconds: 30,
     pollWaitSeconds: 1,
     shutdownGraceMs: 2_000,
+    revokeTtlSeconds: 86_400,
     ...overrides,
   };
 }

@@ -33,6 +33,7 @@ import { checkHostKey, parseKnownHosts } from "../lib/known_hosts.ts";
 import { type Log, Secrets, setupLogging } from "../lib/log.ts";
 import { planCommand } from "../lib/message.ts";
 import { realClock } from "../lib/retry.ts";
+import { MAX_STREAM_POSTS } from "../lib/stream.ts";
 import {
   type CommandRunner,
   type RunIo,
@@ -96,6 +97,8 @@ export interface Sizes {
   ansible: number;
   /** Connections per host for the worker's RSS measure (TASK_CONCURRENCY). */
   hostConnections: number;
+  /** Lines a followed run prints at once (send --follow's stream posts counted). */
+  follow: number;
 }
 
 export const FULL_SIZES: Sizes = {
@@ -118,6 +121,7 @@ export const FULL_SIZES: Sizes = {
   hostWarm: 10,
   ansible: 1,
   hostConnections: 4,
+  follow: 100_000,
 };
 
 export const SMOKE_SIZES: Sizes = {
@@ -138,6 +142,7 @@ export const SMOKE_SIZES: Sizes = {
   hostWarm: 2,
   ansible: 0,
   hostConnections: 2,
+  follow: 200,
 };
 
 /** Each size's flag (`--baseline-sleep=2`) and variable (`BENCH_BASELINE_SLEEP=2`). */
@@ -1684,6 +1689,7 @@ export interface Results {
   seed?: Throughput;
   seedPickups?: number[];
   hosts?: HostsFanOut;
+  follow?: FollowPosts;
 }
 
 export async function runBench(
@@ -1772,11 +1778,111 @@ export async function runBench(
       sizes.hosts,
       () => measureHosts(rig, sizes),
     );
+    results.follow = await step(
+      "followed runs' stream posts",
+      sizes.follow,
+      () => measureFollowPosts(rig, sizes.follow),
+    );
   } finally {
     await rig.stop();
   }
   results.loadAfter = Deno.loadavg();
   return results;
+}
+
+// ---------------------------------------------------------------------------
+// 7. Followed runs (send --follow): the reply queue posts the stream adds
+// ---------------------------------------------------------------------------
+
+export interface FollowPosts {
+  /** Lines of the flood, and the stream posts (STARTED and OUTPUT) it made. */
+  floodLines: number;
+  floodPosts: number;
+  floodMs: number;
+  /** Of the flood's lines: those the posts carried, and those they said were dropped. */
+  floodStreamed: number;
+  floodDropped: number;
+  /** A paced run: a line every 10 ms for 2 s. */
+  pacedLines: number;
+  pacedPosts: number;
+  pacedMs: number;
+  /** The same paced run, not followed (run first, while the worker starts): its posts besides the result. */
+  unfollowedPosts: number;
+}
+
+/**
+ * The worker process (./start, with a catalog) runs three messages with a
+ * reply queue each: a flood of `lines` printed at once and a paced run, both
+ * with "stream": true, and the paced run without. Each reply queue's size,
+ * once the message is deleted (the result is posted before the delete), less
+ * the result, is what the stream posted.
+ */
+async function measureFollowPosts(
+  rig: Rig,
+  lines: number,
+): Promise<FollowPosts> {
+  const queueName = "follow";
+  const catalog = `${rig.dir}/follow.yaml`;
+  await Deno.writeTextFile(
+    catalog,
+    `tasks:
+  flood:
+    command: "seq 1 ${lines} | sed 's/^/line /'"
+  paced:
+    command: "i=0; while [ $i -lt 200 ]; do echo paced $i; sleep 0.01; i=$((i+1)); done"
+`,
+  );
+  const env = workerProcessEnv(rig, queueName, {
+    LOG_LEVEL: "warning",
+    TASKS_FILE: catalog,
+  });
+  const worker = spawnCollecting(`${repo}/start`, [], env, repo);
+  const client = rig.client(queueName);
+  try {
+    await client.ensureQueue();
+    const postsOf = async (task: string, stream: boolean) => {
+      const reply = `follow_${task}_${stream}`;
+      const startedAt = performance.now();
+      await client.post(queueName, [JSON.stringify({
+        id: crypto.randomUUID(),
+        task,
+        reply_to: reply,
+        stream,
+      })]);
+      await waitFor(
+        `the ${task} run settled`,
+        async () => await queueSize(rig, queueName) === 0,
+        120_000,
+        5,
+      );
+      const ms = performance.now() - startedAt;
+      let streamed = 0;
+      let dropped = 0;
+      for (const m of await client.peek(reply, 100)) {
+        const event = JSON.parse(m.body);
+        streamed += event.lines?.length ?? 0;
+        dropped += event.dropped ?? 0;
+      }
+      return { posts: await queueSize(rig, reply) - 1, ms, streamed, dropped };
+    };
+    // The unfollowed one first: it waits for the worker's start.
+    const unfollowed = await postsOf("paced", false);
+    const flood = await postsOf("flood", true);
+    const paced = await postsOf("paced", true);
+    return {
+      floodLines: lines,
+      floodPosts: flood.posts,
+      floodMs: flood.ms,
+      floodStreamed: flood.streamed,
+      floodDropped: flood.dropped,
+      pacedLines: 200,
+      pacedPosts: paced.posts,
+      pacedMs: paced.ms,
+      unfollowedPosts: unfollowed.posts,
+    };
+  } finally {
+    await worker.stop();
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -1972,6 +2078,27 @@ export function tableRows(r: Results): Row[] {
     ));
   }
   if (r.hosts) rows.push(...hostsRows(r.hosts));
+  if (r.follow) {
+    const f = r.follow;
+    rows.push(
+      {
+        measure: `7. followed run, ${
+          n(f.floodLines)
+        } lines at once: stream posts`,
+        figure: `${n(f.floodPosts)} (+1 result; ${n(f.floodMs)} ms; ${
+          n(f.floodStreamed)
+        } lines carried, ${n(f.floodDropped)} said dropped)`,
+        target: `≤ ${MAX_STREAM_POSTS} a run`,
+        verdict: check(f.floodPosts <= MAX_STREAM_POSTS),
+      },
+      info(
+        `7. followed run, ${f.pacedLines} lines over 2 s: stream posts`,
+        `${n(f.pacedPosts)} (+1 result; ${n(f.pacedMs)} ms; unfollowed: ${
+          n(f.unfollowedPosts)
+        } besides the result)`,
+      ),
+    );
+  }
   return rows;
 }
 

@@ -123,6 +123,7 @@ Deno.test({
       "memory",
       "seed",
       "seedPickups",
+      "follow",
     ] as const;
     for (const key of measures) assert.ok(results[key], `${key} is measured`);
     // The far-away queue drains, through the latency proxy, nearest first.
@@ -133,7 +134,12 @@ Deno.test({
     const allRows = tableRows(results);
     // The many-hosts rows (6.) are checked below: a missing tool skips its row.
     const rows = allRows.filter((r) => !r.measure.startsWith("6."));
-    assert.equal(rows.filter((r) => r.verdict !== "").length, 10);
+    assert.equal(rows.filter((r) => r.verdict !== "").length, 11);
+    // A followed run's posts: every line carried or said dropped; none unfollowed.
+    const follow = results.follow!;
+    assert.equal(follow.floodStreamed + follow.floodDropped, follow.floodLines);
+    assert.ok(follow.floodPosts >= 2 && follow.pacedPosts >= 2);
+    assert.equal(follow.unfollowedPosts, 0);
     const wanRows = rows.filter((r) => /ms queue latency$/.test(r.measure));
     assert.deepEqual(wanRows.map((r) => r.target), [
       "≥ 0.8× loopback",

@@ -15,6 +15,7 @@ import { IronMqClient, QueueError } from "../lib/ironmq.ts";
 import { escapeControls, Secrets } from "../lib/log.ts";
 import { planMessage, QUEUE_NAME } from "../lib/message.ts";
 import { retry } from "../lib/retry.ts";
+import { followedLines } from "../lib/stream.ts";
 import { type Env, errorText, isRecord } from "../lib/util.ts";
 
 const USAGE =
@@ -29,6 +30,8 @@ Options:
   --wait[=SECONDS]  wait for the result (without SECONDS, until it comes), print
                     the output as the worker logs it, exit with the remote exit
                     status (1 for a signal, a timeout, a rejection or a revoke)
+  --follow          as --wait, printing the output as it comes (the worker
+                    streams it to the reply queue), then the result
   --eta TIME        run no earlier than TIME (ISO 8601: 2026-11-27T15:00:00Z)
   --delay SECONDS   run no earlier than SECONDS from now (sets the eta)
   --hosts A,B       run on these of the task's hosts only (groups or hosts)
@@ -57,6 +60,8 @@ interface Request {
   text?: string;
   /** Seconds to wait for the result; Infinity for a bare --wait. */
   waitSeconds?: number;
+  /** --follow: the output as it comes, then the result. */
+  follow: boolean;
   eta?: string;
   delaySeconds?: number;
   queue?: string;
@@ -71,7 +76,12 @@ const VALUE_OPTIONS = ["--eta", "--delay", "--queue", "--text", "--hosts"];
 function readCommandLine(
   argv: string[],
 ): { ok: true; request: Request } | { ok: false; problem: string } {
-  const request: Request = { values: [], named: [], help: false };
+  const request: Request = {
+    values: [],
+    named: [],
+    help: false,
+    follow: false,
+  };
   const positional: string[] = [];
   const options = new Map<string, string>();
   for (let i = 0; i < argv.length; i++) {
@@ -90,6 +100,10 @@ function readCommandLine(
     }
     const eq = arg.indexOf("=");
     const name = eq < 0 ? arg : arg.slice(0, eq);
+    if (arg === "--follow") {
+      request.follow = true;
+      continue;
+    }
     if (name === "--wait") {
       if (eq < 0) {
         request.waitSeconds = Infinity;
@@ -178,6 +192,7 @@ function readCommandLine(
     for (
       const [given, what] of [
         [request.waitSeconds, "--wait"],
+        [request.follow || undefined, "--follow"],
         [eta, "--eta"],
         [delay, "--delay"],
         [request.hosts, "--hosts"],
@@ -193,6 +208,8 @@ function readCommandLine(
     }
     return { ok: true, request };
   }
+  // --follow waits as --wait does (until the result, unless --wait=SECONDS).
+  if (request.follow) request.waitSeconds ??= Infinity;
   const [task, ...rest] = positional;
   if (task === undefined) {
     return { ok: false, problem: "name a task, or give --text '<body>'" };
@@ -252,6 +269,7 @@ function taskMessage(
     expires: null,
     reply_to: replyTo ?? null,
     sender,
+    ...request.follow ? { stream: true } : {},
     ...request.hosts === undefined ? {} : { hosts: request.hosts },
   });
 }
@@ -339,6 +357,8 @@ async function waitForResult(
   taskId: string,
   limitMs: number,
   interrupt: AbortSignal,
+  secrets: Secrets,
+  follow = false,
 ): Promise<Waited> {
   const deadline = Date.now() + limitMs;
   const limit = new AbortController();
@@ -359,7 +379,7 @@ async function waitForResult(
         // The queue may be down for a while (a worker restarting its embedded
         // server): keep trying while the wait lasts.
         messages = await retry(
-          () => reply.reserve(1, 30, waitSeconds, stop),
+          () => reply.reserve(follow ? 100 : 1, 30, waitSeconds, stop),
           {
             minDelayMs: 200,
             maxDelayMs: 5_000,
@@ -381,12 +401,29 @@ async function waitForResult(
         if (stop.aborted) continue;
         return { kind: "error", error: errorText(e) };
       }
+      // Read, they go: a reservation that lapsed would show them again.
+      if (follow && messages.length > 0) {
+        reply.deleteBatch(
+          messages.map((m) => ({ id: m.id, reservation_id: m.reservation_id })),
+        ).catch(() => {});
+      }
       for (const message of messages) {
         let result: unknown;
         try {
           result = JSON.parse(message.body);
         } catch {
           // not a result: reported below
+        }
+        const followed = follow && isRecord(result) &&
+            result.task_id === taskId
+          ? followedLines(result)
+          : undefined;
+        if (followed !== undefined) {
+          for (const line of followed.out) console.log(logLine(line, secrets));
+          for (const note of followed.notes) {
+            console.error(logLine(note, secrets));
+          }
+          continue;
         }
         if (isRecord(result) && result.task_id === taskId) {
           return { kind: "result", result };
@@ -401,10 +438,14 @@ async function waitForResult(
   }
 }
 
-/** Prints a result as the worker logs its run; returns the exit status to pass on. */
-function printResult(
+/**
+ * Prints a result as the worker logs its run (`followed`: its output was
+ * shown as it came, so only each host's end); returns the exit status to pass on.
+ */
+export function printResult(
   result: Record<string, unknown>,
   secrets: Secrets,
+  followed = false,
 ): number {
   const show = (text: string) => logLine(text, secrets);
   const status = String(result.status);
@@ -413,7 +454,7 @@ function printResult(
   for (const [host, run] of Object.entries(hosts)) {
     if (!isRecord(run)) continue;
     const prefix = `[${host}]`;
-    for (const stream of ["stdout", "stderr"] as const) {
+    for (const stream of followed ? [] : ["stdout", "stderr"] as const) {
       const text = typeof run[stream] === "string" ? run[stream] : "";
       const truncated = isRecord(run.truncated) && run.truncated[stream];
       if (truncated) {
@@ -565,23 +606,27 @@ async function main(argv: string[], env: Env): Promise<number> {
       taskId,
       limit * 1000,
       interrupt.signal,
+      secrets,
+      request.follow,
     );
     // Some hosts failed and run again: their outcome comes in a later result.
     while (waited.kind === "result" && waited.result.status === "RETRY") {
-      printResult(waited.result, secrets);
+      printResult(waited.result, secrets, request.follow);
       waited = await waitForResult(
         reply,
         replyQueue,
         taskId,
         deadline - Date.now(),
         interrupt.signal,
+        secrets,
+        request.follow,
       );
     }
     const lost =
       `Reply queue ${replyQueue} removed: a result that comes later makes it again, and nothing reads it.`;
     switch (waited.kind) {
       case "result":
-        return printResult(waited.result, secrets);
+        return printResult(waited.result, secrets, request.follow);
       case "timeout":
         console.error(
           `no result for message ${id} within ${limit} s: it may still run, or wait in ${queue}. ${lost}`,

@@ -102,6 +102,8 @@ export interface TaskConfig {
   catalog?: Catalog;
   /** Where each message's result goes when it names no reply_to queue. */
   resultsQueue?: string;
+  /** How long a revocation (a cancel) holds, in seconds (TASK_REVOKE_TTL). */
+  revokeTtlSeconds: number;
 }
 
 export interface Config {
@@ -437,6 +439,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     pollWaitSeconds: read.integer("TASK_POLL_WAIT", 5, 0, 30),
     // Grace + 2 s of TERM/KILL stays under runit's 7 s `sv` timeout.
     shutdownGraceMs: read.seconds("TASK_SHUTDOWN_GRACE", 4, 0, 3600) * 1000,
+    revokeTtlSeconds: revokeTtl(read),
   };
   if (task.command.trim() === "") {
     problems.push("TASK_COMMAND: must not be blank");
@@ -506,6 +509,14 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
   };
 }
 
+/**
+ * TASK_REVOKE_TTL: a revocation holds a day by default, so a delayed run is
+ * still cancelled when it comes up; at most IronMQ's 7-day delay.
+ */
+function revokeTtl(read: EnvReader): number {
+  return read.seconds("TASK_REVOKE_TTL", 86_400, 1, 604_800);
+}
+
 /** TASK_HTTP_*: the monitor's listener, off unless TASK_HTTP_PORT is set. */
 function httpSettings(read: EnvReader): Config["http"] {
   if (read.optional("TASK_HTTP_PORT") === undefined) return undefined;
@@ -544,6 +555,8 @@ export function senderConfig(
   deadLetterQueue: string;
   /** Who sends: the user name (SSH_USER's default), for the messages' `sender`. */
   user: string;
+  /** TASK_REVOKE_TTL: how long a cancel holds, in seconds. */
+  revokeTtlSeconds: number;
 } {
   const context = configContext(env);
   const read = new EnvReader(env);
@@ -565,6 +578,7 @@ export function senderConfig(
   );
   const catalog = loadCatalog(context.catalogFile, defaults, read.problems)
     ?.catalog;
+  const revokeTtlSeconds = revokeTtl(read);
   if (read.problems.length > 0) throw new ConfigError(read.problems);
   return {
     queue,
@@ -572,6 +586,33 @@ export function senderConfig(
     hosts,
     deadLetterQueue,
     user: context.user,
+    revokeTtlSeconds,
+  };
+}
+
+/**
+ * Where `deno task runs` finds a running worker's listener: its TASK_HTTP_PORT,
+ * TASK_HTTP_HOST and TASK_HTTP_TOKEN, as the worker reads them.
+ */
+export function listenerConfig(
+  env: Env,
+): { url: string; token?: string } {
+  const read = new EnvReader(env);
+  const http = httpSettings(read);
+  if (http === undefined) {
+    read.problems.push(
+      "TASK_HTTP_PORT: not set; set it (and TASK_HTTP_HOST, TASK_HTTP_TOKEN) as the worker has them: the run history is read from its listener",
+    );
+  } else if (http.port === 0) {
+    read.problems.push(
+      "TASK_HTTP_PORT=0: the worker listens on a port chosen at start; give the port its log names (web: listening on ...)",
+    );
+  }
+  if (read.problems.length > 0) throw new ConfigError(read.problems);
+  const host = http!.hostname === "0.0.0.0" ? "127.0.0.1" : http!.hostname;
+  return {
+    url: `http://${bracketIPv6(host)}:${http!.port}`,
+    token: http!.token,
   };
 }
 

@@ -204,6 +204,9 @@ export class Fetcher {
     const wait = this.task.pollWaitSeconds;
     try {
       const messages = await retry(async () => {
+        // Each long-poll round also looks for revocations (lib/revoke.ts), so
+        // a cancelled message is known when it comes up.
+        this.deps.revocations?.refresh();
         const started = clock.now();
         try {
           // Only a hard stop cuts a poll: one cut off mid-flight can leave its

@@ -13,7 +13,9 @@ import { type QueueApi, type QueueMessage } from "./ironmq.ts";
 import { type Log, type LogFields, Secrets, Tail } from "./log.ts";
 import { type MessageMeta } from "./message.ts";
 import { type Clock } from "./retry.ts";
+import { type Revocations } from "./revoke.ts";
 import { type CommandRunner, type RunResult } from "./ssh.ts";
+import { type LiveRuns } from "./stream.ts";
 
 export interface WorkerDeps {
   queue: QueueApi;
@@ -26,6 +28,10 @@ export interface WorkerDeps {
   secrets?: Secrets;
   /** Told what happens, for the metrics and the page (lib/monitor.ts). */
   monitor?: Monitor;
+  /** Which runs are cancelled (lib/revoke.ts); without it, none is. */
+  revocations?: Revocations;
+  /** Runs under way, for their followers on the listener (lib/stream.ts). */
+  live?: LiveRuns;
 }
 
 /** A reserved message and its current reservation id (a touch replaces it). */

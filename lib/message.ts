@@ -308,6 +308,13 @@ export function planMessage(
   ) {
     return reject(`"reply_to" must be a queue name`);
   }
+  // Streamed to nobody, the output its sender waits for would never come;
+  // a shared TASK_RESULTS_QUEUE is no place for it either.
+  if (meta.stream && meta.replyTo === undefined) {
+    return reject(
+      `"stream": true needs "reply_to": the queue its output goes to as it comes (deno task send --follow sets both)`,
+    );
+  }
   const retries = readRetries(message);
   if (retries) return reject(retries);
   wanted = message.hosts;

@@ -148,7 +148,7 @@ Deno.test("messages: a task message's sender and stream are read, and wrong ones
   const body = (extra: Record<string, unknown>) =>
     JSON.stringify({ task: "restart", kwargs: { service: "nginx" }, ...extra });
   const plan = planMessage(
-    body({ sender: "ann@laptop", stream: true }),
+    body({ sender: "ann@laptop", stream: true, reply_to: "replies" }),
     catalog(),
     "",
     Date.now(),
@@ -161,6 +161,8 @@ Deno.test("messages: a task message's sender and stream are read, and wrong ones
     [{ sender: 7 }, /"sender" must be a string/],
     [{ sender: "x".repeat(201) }, /at most 200/],
     [{ stream: "yes" }, /"stream" must be true or false/],
+    // Streamed to no queue, its output would reach nobody.
+    [{ stream: true }, /"stream": true needs "reply_to"/],
   ];
   for (const [extra, reason] of cases) {
     const wrong = planMessage(body(extra), catalog(), "", Date.now(), [

@@ -129,6 +129,16 @@ export interface ServeOptions {
   hooks?: (name: string, request: Request, remote: string) => Promise<
     HookAnswer
   >;
+  /** Runs under way: followed (GET /runs/<id>/events) and cancelled (POST .../cancel). */
+  runs?: RunControl;
+}
+
+/** What the listener does for a run under way (lib/stream.ts, lib/revoke.ts in tasks.ts). */
+export interface RunControl {
+  /** Its events as they come; undefined when it is not under way here. */
+  follow(id: string): Response | undefined;
+  /** Posts its revocation from `who`; resolves to what to tell the page. */
+  cancel(id: string, who: string): Promise<{ ok: boolean; text: string }>;
 }
 
 export class Monitor {
@@ -543,6 +553,29 @@ export class Monitor {
           ? await api.requeue(id, remote)
           : await api.discard(id, remote);
       }
+      const run = /^(GET|POST) \/runs\/([^/]{1,200})\/(events|cancel)$/
+        .exec(route);
+      if (run && options.runs) {
+        const [, method, raw, verb] = run;
+        let id: string;
+        try {
+          id = decodeURIComponent(raw);
+        } catch {
+          return text(400, "a run id must be URL-encoded UTF-8");
+        }
+        if (verb === "events" && method === "GET") {
+          return options.runs.follow(id) ??
+            text(
+              404,
+              `run ${id} is not under way on this worker (runs show ${id} tells how it ended)`,
+            );
+        }
+        if (verb === "cancel" && method === "POST") {
+          const done = await options.runs.cancel(id, `the page (${remote})`);
+          return text(done.ok ? 202 : 503, done.text);
+        }
+        return text(405, `${method} is not allowed here`);
+      }
       const known = ROUTES.some((r) => r.endsWith(` ${url.pathname}`));
       return known
         ? text(405, `${request.method} is not allowed here`)
@@ -671,7 +704,7 @@ function head(text: string, max: number): string {
 const encoder = new TextEncoder();
 const HEARTBEAT = encoder.encode(": still here\n\n");
 
-function sseEvent(event: string, data: unknown): Uint8Array {
+export function sseEvent(event: string, data: unknown): Uint8Array {
   // JSON has no raw line breaks, so the data is one `data:` line.
   return encoder.encode(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
 }
@@ -682,7 +715,7 @@ function sseEvent(event: string, data: unknown): Uint8Array {
  * (its connection closed), so a page that stops reading cannot take the
  * worker's memory. The page reconnects and starts again from a snapshot.
  */
-class EventClient {
+export class EventClient {
   readonly stream: ReadableStream<Uint8Array>;
   private controller?: ReadableStreamDefaultController<Uint8Array>;
   private done = false;

@@ -1282,3 +1282,91 @@ hooks:
     }
   },
 });
+
+Deno.test({
+  name:
+    "web: Stop on a running command, clicked twice, cancels it: the worker stops it and its result is REVOKED by the page",
+  ...workerTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const dir = await Deno.makeTempDir({ prefix: "tasks-web-" });
+      await Deno.chmod(dir, 0o755);
+      const mqPort = freePort();
+      const httpPort = freePort();
+      const worker = spawnCollecting(`${REPO}start`, [], {
+        PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+        HOME: dir,
+        INIT_CWD: dir,
+        DENO_DIR: Deno.env.get("DENO_DIR") ??
+          `${Deno.env.get("HOME")}/.cache/deno`,
+        NO_COLOR: "1",
+        ...sshEnv(sshd),
+        MQ_PORT: String(mqPort),
+        MQ_DB: ":memory:",
+        TASK_COMMAND: "echo started; exec sleep 618",
+        TASK_POLL_WAIT: "1",
+        TASK_HTTP_PORT: String(httpPort),
+        TASK_RESULTS_QUEUE: "replies",
+      }, dir);
+      const queues = `http://127.0.0.1:${mqPort}/3/projects/local/queues`;
+      try {
+        const url = `http://127.0.0.1:${httpPort}`;
+        await worker.line(
+          new RegExp(`web: listening on http://127\\.0\\.0\\.1:${httpPort}$`),
+          90_000,
+        );
+        await withBrowser(async (browser) => {
+          const tab = await browser.open({ width: 1280, height: 800 });
+          await tab.goto(url);
+          await tab.waitFor(
+            `document.getElementById("live").textContent === "live"`,
+          );
+          const posted = await fetch(`${queues}/my_queue/messages`, {
+            method: "POST",
+            headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ messages: [{ body: "go" }] }),
+          });
+          assert.equal(posted.status, 201, await posted.text());
+          const badge = `document.querySelector(".run .badge").textContent`;
+          await tab.waitFor(
+            `[...document.querySelectorAll(".run .output > div")].some((d) => d.textContent === "started")`,
+          );
+          // One click arms it; the command runs on.
+          await tab.click(".run button.stop");
+          assert.equal(
+            await tab.value(
+              `document.querySelector(".run button.stop").textContent`,
+            ),
+            "Stop it?",
+          );
+          assert.equal(await tab.value(badge), "running");
+          assert.ok(!worker.lines.some((l) => /cancel asked/.test(l)));
+          await tab.click(".run button.stop");
+          await tab.waitFor(`${badge} === "stopped"`);
+          await tab.waitFor(
+            `document.querySelector("#results [data-message] .badge")?.textContent === "revoked"`,
+          );
+          assert.deepEqual(await tab.errors(), []);
+        });
+        const peeked = await (await fetch(`${queues}/replies/messages?n=10`))
+          .json();
+        assert.equal(peeked.messages.length, 1);
+        const result = JSON.parse(peeked.messages[0].body);
+        assert.equal(result.status, "REVOKED");
+        assert.match(
+          result.reason,
+          /^cancelled by the page \(127\.0\.0\.1\) at /,
+        );
+        assert.match(
+          worker.lines.join("\n"),
+          /\[127\.0\.0\.1\] stopped by a cancel \(message \d+/,
+        );
+        const left = await (await fetch(`${queues}/my_queue`)).json();
+        assert.equal(left.queue.size, 0, "deleted, not retried");
+      } finally {
+        const status = await worker.stop();
+        await Deno.remove(dir, { recursive: true });
+        assert.equal(status.code, 0, worker.lines.join("\n"));
+      }
+    }),
+});

@@ -16,6 +16,7 @@ import {
   type Failure,
   fieldsOf,
   type Held,
+  runIdOf,
   taskLabel,
   type WorkerDeps,
 } from "./held.ts";
@@ -50,6 +51,16 @@ type Owed =
     attempt: number;
   }
   | { kind: "posts"; status: Status; posts: Post[] };
+
+/** A settled outcome as a result's status; "not run" goes back to the queue. */
+const STATUS_OF: Record<Outcome, string> = {
+  success: "SUCCESS",
+  failure: "FAILURE",
+  rejected: "REJECTED",
+  revoked: "REVOKED",
+  retry: "RETRY",
+  not_run: "NOT_RUN",
+};
 
 /** At most this many settled messages whose delete did not land are remembered. */
 const MAX_UNDELETED = 10_000;
@@ -180,14 +191,27 @@ export class Settler {
 
   /** One settled message, for the metrics and the page. */
   private count(held: Held, outcome: Outcome, reason?: string): void {
+    const masked = reason === undefined
+      ? undefined
+      : this.maskerFor(held)(reason);
     this.deps.monitor?.messageSettled({
       messageId: held.message.id,
       task: taskLabel(held),
       outcome,
-      hosts: this.hostsOf(held, 2048),
+      hosts: this.hostsOf(held, 2048, outcome === "revoked"),
       finishedAt: this.deps.clock.now(),
-      reason: reason === undefined ? undefined : this.maskerFor(held)(reason),
+      reason: masked,
     });
+    // Its followers on the listener (runs follow) get its end as a result.
+    this.deps.live?.settled(runIdOf(held), held.message.id, () => ({
+      event: "RESULT",
+      status: STATUS_OF[outcome],
+      message_id: held.message.id,
+      task_id: runIdOf(held),
+      attempts: held.attempt,
+      reason: masked ?? null,
+      hosts: this.hostsOf(held, 64 * 1024, outcome === "revoked"),
+    }));
   }
 
   async idle(): Promise<void> {
@@ -356,7 +380,7 @@ export class Settler {
       task_id: held.meta?.taskId ?? null,
       task: held.meta?.task ?? null,
       status,
-      hosts: this.hostsOf(held, Infinity),
+      hosts: this.hostsOf(held, Infinity, status === "REVOKED"),
       attempts: held.attempt,
       started_at: runs.length > 0
         ? new Date(Math.min(...runs.map((r) => r.startedAt))).toISOString()
@@ -375,6 +399,8 @@ export class Settler {
   private hostsOf(
     held: Held,
     tailChars: number,
+    /** Its runs were stopped by a cancel (REVOKED), not by a shutdown. */
+    cancelled = false,
   ): Record<string, HostOutcome & { truncated: Record<string, boolean> }> {
     const mask = this.maskerFor(held);
     const tail = (t: Tail) => mask(t.toString()).slice(-tailChars);
@@ -401,7 +427,7 @@ export class Settler {
           : result.kind === "timeout"
           ? "timed out"
           : result.kind === "aborted"
-          ? "stopped by shutdown"
+          ? cancelled ? "stopped by a cancel" : "stopped by shutdown"
           : null,
       };
     }

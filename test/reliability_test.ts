@@ -431,6 +431,7 @@ Deno.test("reliability: a failing command that outlived its reservation (kept by
       reservationTimeoutSeconds: 30,
       pollWaitSeconds: 1,
       shutdownGraceMs: 1_000,
+      revokeTtlSeconds: 86_400,
     },
     { queue, runner, log, clock: realClock, touchIntervalMs: 400 },
     QUEUE,
