@@ -47,6 +47,7 @@ import {
   type Failure,
   fieldsOf,
   type Held,
+  runIdOf,
   type RunRecord,
   taskLabel,
   type WorkerDeps,
@@ -66,6 +67,7 @@ import {
 import { planMessage } from "./lib/message.ts";
 import { realClock, settledOrAborted } from "./lib/retry.ts";
 import { AttemptCounter, Settler } from "./lib/settle.ts";
+import { RunStore } from "./lib/runs.ts";
 import { type RunResult, SshHosts } from "./lib/ssh.ts";
 
 /** Starts everything from the environment; resolves to the exit code. */
@@ -116,9 +118,10 @@ async function main(): Promise<number> {
   }
 
   // What the worker does, counted and shown: lib/monitor.ts. With TASK_HTTP_PORT its
-  // listener serves the page, the metrics and the dead-letter actions;
-  // without one, nothing is counted.
+  // listener serves the page, the metrics, the dead-letter actions and the
+  // run history; without one, nothing is counted.
   const monitor = config.http ? new Monitor() : undefined;
+  const history = openHistory(config, log, monitor);
   let web: { close(): Promise<void> } | undefined;
   if (monitor && config.http) {
     try {
@@ -130,6 +133,7 @@ async function main(): Promise<number> {
         ),
         maskBody: (body) => maskedBody(body, config.task.catalog, secrets),
         log: (line) => log.info(line),
+        runs: history,
       });
     } catch (e) {
       log.error(
@@ -162,6 +166,7 @@ async function main(): Promise<number> {
       clock: realClock,
       secrets,
       monitor,
+      runs: history,
     },
     config.queue.queueName,
   );
@@ -199,11 +204,32 @@ async function main(): Promise<number> {
     Deno.removeSignalListener("SIGINT", onSignal);
     runner.close();
     await web?.close();
+    history?.close();
     await server?.close();
   }
   log.info("stopped");
   await output.flush();
   return 0;
+}
+
+/** The run history (TASK_RUNS_DB), or none: a store that cannot open is said, not fatal. */
+function openHistory(
+  config: Config,
+  log: Log,
+  monitor: Monitor | undefined,
+): RunStore | undefined {
+  if (config.runs === undefined) return undefined;
+  const store = RunStore.open(
+    config.runs,
+    (line) => log.error(line),
+    realClock,
+    monitor,
+  );
+  if (!(store instanceof RunStore)) {
+    log.error(`${store.problem}; the worker goes on without a run history`);
+    return undefined;
+  }
+  return store;
 }
 
 /** A configuration error for the terminal or svlogd: one problem a line, escaped. */
@@ -358,6 +384,16 @@ export class Worker {
         )
         : this.settler.resendPosts(held, owed);
     }
+    const succeeded = this.deps.runs?.succeededAt(runIdOf(held));
+    if (succeeded !== undefined) {
+      log.info(
+        `message ${id}: task id ${runIdOf(held)} already succeeded at ${
+          new Date(succeeded).toISOString()
+        }; not run again`,
+        about,
+      );
+      return this.settler.duplicate(held);
+    }
     switch (plan.kind) {
       case "reject":
         log.error(
@@ -396,6 +432,7 @@ export class Worker {
       );
     }
     log.debug(`message ${id}${named}: attempt ${held.attempt}`, about);
+    this.deps.runs?.startedRun(held, plan);
     const timeoutMs = plan.task?.timeoutMs ?? this.task.timeoutMs;
     const limit = `${timeoutMs / 1000} s`;
     const limitSource = plan.task ? "its timeout" : "TASK_TIMEOUT";

@@ -10,7 +10,9 @@
  * - `GET /`: one page (page.html, plain HTML/CSS/JS) that shows it all live;
  * - `GET /events`: the same as Server-Sent Events: a snapshot, then changes;
  * - `GET /metrics`: Prometheus text; `GET /healthz`; `GET /readyz`;
- * - `GET /api/dead-letters`, `POST /api/dead-letters/<id>/requeue|discard`.
+ * - `GET /api/dead-letters`, `POST /api/dead-letters/<id>/requeue|discard`;
+ * - `GET /runs?task=&host=&status=&since=&q=&limit=`, `GET /runs/<id>`: the
+ *   run history (lib/runs.ts).
  *
  * It imports only types from tasks.ts, so tasks.ts can import it.
  */
@@ -33,7 +35,9 @@ export type Outcome =
   | "rejected"
   | "revoked"
   | "retry"
-  | "not_run";
+  | "not_run"
+  /** A task id that already succeeded here: deleted, not run again. */
+  | "duplicate";
 
 export interface HostOutcome {
   exit_status: number | null;
@@ -112,6 +116,12 @@ interface Readiness {
   reason: string;
 }
 
+/** The run history's reading side (lib/runs.ts), for /runs. */
+export interface RunReader {
+  list(params: URLSearchParams): { runs: unknown[] } | { error: string };
+  get(id: string): unknown | undefined;
+}
+
 /** What the dead-letter part of the page needs (DeadLetters in tasks.ts). */
 type DeadLetterQueue = Pick<DeadLetters, "list" | "requeue" | "discard">;
 
@@ -123,6 +133,8 @@ export interface ServeOptions {
   deadLetters: DeadLetterQueue;
   maskBody: (body: string) => string;
   log: (line: string) => void;
+  /** The run history, when the worker keeps one (TASK_RUNS_DB). */
+  runs?: RunReader;
 }
 
 export class Monitor {
@@ -135,6 +147,9 @@ export class Monitor {
   private readonly sshErrors: Counter<"host" | "kind">;
   private readonly queueRequests: Counter<"op" | "status">;
   private readonly deadLetters: Counter<"task">;
+  private readonly runsStoredGauge: Gauge;
+  private readonly runsBytes: Gauge;
+  private readonly runWriteFailures: Counter;
 
   private readonly runs = new Map<string, Run>();
   private readonly results: ResultView[] = [];
@@ -198,6 +213,22 @@ export class Monitor {
       name: "tasks_dead_letters_total",
       help: "Messages moved to the dead-letter queue, by task.",
       labelNames: ["task"],
+      registers,
+    });
+    this.runsStoredGauge = new Gauge({
+      name: "tasks_runs_stored",
+      help: "Runs in this worker's history (TASK_RUNS_DB).",
+      registers,
+    });
+    this.runsBytes = new Gauge({
+      name: "tasks_runs_db_bytes",
+      help: "Size of the run history's database, in bytes.",
+      registers,
+    });
+    this.runWriteFailures = new Counter({
+      name: "tasks_runs_write_failures_total",
+      help:
+        "Run history writes that failed (a full disk, a lock) or were dropped; the worker went on.",
       registers,
     });
     // prom-client's other process_* metrics read /proc/self, which Deno only
@@ -354,6 +385,17 @@ export class Monitor {
     this.broadcast("dead", { task });
   }
 
+  // -- run history (lib/runs.ts reports here) -----------------------------
+
+  runsStored(runs: number, bytes: number): void {
+    this.runsStoredGauge.set(runs);
+    this.runsBytes.set(bytes);
+  }
+
+  runWritesFailed(count: number): void {
+    this.runWriteFailures.inc(count);
+  }
+
   /** A task name as a label: names past the first TASK_LABELS_KEPT count as "other". */
   private taskLabel(task: string): string {
     if (this.taskLabels.has(task)) return task;
@@ -505,6 +547,9 @@ export class Monitor {
           return this.openEvents();
         case "GET /api/dead-letters":
           return await api.list();
+      }
+      if (url.pathname === "/runs" || url.pathname.startsWith("/runs/")) {
+        return runsRoute(request.method, url, options.runs);
       }
       const action = /^POST \/api\/dead-letters\/([^/]+)\/(requeue|discard)$/
         .exec(route);
@@ -925,6 +970,44 @@ class DeadLetterApi {
       stderr_tail: mask(r.stderr_tail),
     };
   }
+}
+
+/**
+ * `/runs` and `/runs/<id>[/<what>]`: the run history. One route a case, so
+ * that what a run offers besides its record sits beside it here.
+ */
+function runsRoute(
+  method: string,
+  url: URL,
+  runs: RunReader | undefined,
+): Response {
+  if (runs === undefined) {
+    return json(404, {
+      error:
+        "this worker keeps no run history (TASK_RUNS_DB=off, or it could not be opened: its log says)",
+    });
+  }
+  const [, id, what] = /^\/runs(?:\/([^/]+)(?:\/([^/]+))?)?$/.exec(
+    url.pathname,
+  ) ?? [];
+  const runId = id === undefined ? undefined : decodeURIComponent(id);
+  switch (
+    `${method} ${runId === undefined ? "" : "<id>"}${what ? `/${what}` : ""}`
+  ) {
+    case "GET ": {
+      const listed = runs.list(url.searchParams);
+      return json("error" in listed ? 400 : 200, listed);
+    }
+    case "GET <id>": {
+      const record = runs.get(runId!);
+      return record === undefined
+        ? json(404, {
+          error: `no run ${JSON.stringify(runId)} in this worker's history`,
+        })
+        : json(200, record);
+    }
+  }
+  return json(404, { error: `no such route: ${method} ${url.pathname}` });
 }
 
 /** An error for the page: 404 when the message is gone, 502 when the queue failed, else 409. */

@@ -178,15 +178,25 @@ export class Settler {
     this.track(held, this.recordDeadLetter(held, failure, status));
   }
 
-  /** One settled message, for the metrics and the page. */
+  /** A task id that already succeeded here (its history says): deleted, not run again. */
+  duplicate(held: Held): void {
+    this.count(held, "duplicate");
+    this.track(held, this.deleteSettled(held, "SUCCESS"));
+  }
+
+  /** One settled message, for the metrics, the page and the run history. */
   private count(held: Held, outcome: Outcome, reason?: string): void {
+    const masked = reason === undefined
+      ? undefined
+      : this.maskerFor(held)(reason);
+    this.deps.runs?.settledRun(held, outcome, masked);
     this.deps.monitor?.messageSettled({
       messageId: held.message.id,
       task: taskLabel(held),
       outcome,
       hosts: this.hostsOf(held, 2048),
       finishedAt: this.deps.clock.now(),
-      reason: reason === undefined ? undefined : this.maskerFor(held)(reason),
+      reason: masked,
     });
   }
 
