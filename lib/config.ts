@@ -583,6 +583,32 @@ export function senderConfig(
   };
 }
 
+/**
+ * Where `deno task runs` finds a running worker's listener: its TASK_HTTP_PORT,
+ * TASK_HTTP_HOST and TASK_HTTP_TOKEN, as the worker reads them.
+ */
+export function listenerConfig(
+  env: Env,
+): { url: string; token?: string } {
+  const read = new EnvReader(env);
+  const http = httpSettings(read);
+  if (http === undefined) {
+    read.problems.push(
+      "TASK_HTTP_PORT: not set; set it (and TASK_HTTP_HOST, TASK_HTTP_TOKEN) as the worker has them: the run history is read from its listener",
+    );
+  } else if (http.port === 0) {
+    read.problems.push(
+      "TASK_HTTP_PORT=0: the worker listens on a port chosen at start; give the port its log names (web: listening on ...)",
+    );
+  }
+  if (read.problems.length > 0) throw new ConfigError(read.problems);
+  const host = http!.hostname === "0.0.0.0" ? "127.0.0.1" : http!.hostname;
+  return {
+    url: `http://${bracketIPv6(host)}:${http!.port}`,
+    token: http!.token,
+  };
+}
+
 /** SSH_HOST's list, and what hosts written without user, port or jump get. */
 function hostSettings(
   read: EnvReader,

@@ -8,6 +8,7 @@
 
 import { IronMqClient } from "../lib/ironmq.ts";
 import { LineSplitter, type Log } from "../lib/log.ts";
+import { errorText } from "../lib/util.ts";
 import {
   type QueueServer,
   type QueueServerOptions,
@@ -551,5 +552,23 @@ export async function withCatalogQueue(
   } finally {
     await q.close();
     await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Mounts a tmpfs of `size` on `dir`; the reason when that is not possible here. */
+export async function mountTmpfs(
+  dir: string,
+  size: string,
+): Promise<string | undefined> {
+  try {
+    const mount = await new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", dir],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    if (mount.success) return undefined;
+    return new TextDecoder().decode(mount.stderr).trim();
+  } catch (error) {
+    return `cannot run mount: ${errorText(error)}`;
   }
 }
