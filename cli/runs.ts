@@ -172,6 +172,7 @@ async function show(args: string[], listener: Listener): Promise<number> {
       `${body.finished_at} (${duration(Number(body.duration_ms))})`,
     );
   }
+  console.log("statuses:");
   for (const s of Array.isArray(body.statuses) ? body.statuses : []) {
     if (!isRecord(s)) continue;
     console.log(
