@@ -988,6 +988,10 @@ Deno.test({
         'tasks_messages_total{outcome="success",task="deploy"}': 2,
         'tasks_messages_total{outcome="failure",task="restart"}': 1,
         'tasks_dead_letters_total{task="restart"}': 1,
+        // No run history in this monitor's worker: its series are there, at 0.
+        "tasks_runs_stored": 0,
+        "tasks_runs_db_bytes": 0,
+        "tasks_runs_write_failures_total": 0,
         [bucket("127.0.0.2", "0.1")]: 0,
         [bucket("127.0.0.2", "0.5")]: 1,
         [bucket("127.0.0.2", "+Inf")]: 1,
