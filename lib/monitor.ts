@@ -982,10 +982,12 @@ function runsRoute(
   runs: RunReader | undefined,
 ): Response {
   if (runs === undefined) {
-    return json(404, {
-      error:
-        "this worker keeps no run history (TASK_RUNS_DB=off, or it could not be opened: its log says)",
-    });
+    const off =
+      "this worker keeps no run history (TASK_RUNS_DB=off, or it could not be opened: its log says)";
+    // The page asks for the list whatever the worker keeps: an empty one, said why.
+    return method === "GET" && url.pathname === "/runs"
+      ? json(200, { runs: [], off })
+      : json(404, { error: off });
   }
   const [, id, what] = /^\/runs(?:\/([^/]+)(?:\/([^/]+))?)?$/.exec(
     url.pathname,
