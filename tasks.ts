@@ -47,7 +47,6 @@ import {
   type Failure,
   fieldsOf,
   type Held,
-  runIdOf,
   type RunRecord,
   taskLabel,
   type WorkerDeps,
@@ -384,10 +383,10 @@ export class Worker {
         )
         : this.settler.resendPosts(held, owed);
     }
-    const succeeded = this.deps.runs?.succeededAt(runIdOf(held));
+    const succeeded = this.deps.runs?.succeededAt(held);
     if (succeeded !== undefined) {
       log.info(
-        `message ${id}: task id ${runIdOf(held)} already succeeded at ${
+        `message ${id}: task id ${plan.meta.taskId} already succeeded at ${
           new Date(succeeded).toISOString()
         }; not run again`,
         about,

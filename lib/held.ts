@@ -36,8 +36,8 @@ export interface RunHistory {
   startedRun(held: Held, plan: MessagePlan & { kind: "run" }): void;
   /** A message settled (the Settler's outcome), with this attempt's hosts. */
   settledRun(held: Held, outcome: Outcome, reason?: string): void;
-  /** When this run id succeeded, if it did (a message asking for it again is not run). */
-  succeededAt(runId: string): number | undefined;
+  /** When the run of this message's Celery id succeeded, if it did: it is not run again. */
+  succeededAt(held: Held): number | undefined;
 }
 
 /** A reserved message and its current reservation id (a touch replaces it). */

@@ -67,8 +67,19 @@ interface AttemptRow {
 }
 
 /** What one call asks the store to write, in order. */
+interface OpAbout {
+  id: string;
+  taskId: boolean;
+  fresh: boolean;
+  messageId: string;
+  task: string;
+  sender: string | null;
+  attempt: number;
+  at: number;
+}
+
 type Op =
-  | {
+  | OpAbout & {
     kind: "start";
     id: string;
     messageId: string;
@@ -80,7 +91,7 @@ type Op =
     attempt: number;
     at: number;
   }
-  | {
+  | OpAbout & {
     kind: "settle";
     id: string;
     messageId: string;
@@ -158,6 +169,7 @@ export class RunStore implements RunHistory, RunReader {
   ) {
     this.statements = {
       get: db.prepare("SELECT * FROM runs WHERE id = ?"),
+      remove: db.prepare("DELETE FROM runs WHERE id = ?"),
       succeeded: db.prepare(
         "SELECT succeeded_at FROM runs WHERE id = ? AND succeeded_at IS NOT NULL",
       ),
@@ -230,12 +242,13 @@ export class RunStore implements RunHistory, RunReader {
 
   /** A message's command starts on its hosts: its run is RUNNING. */
   startedRun(held: Held, plan: MessagePlan & { kind: "run" }): void {
+    const about = this.about(held);
     this.started.add(held);
     const secrets = held.secrets ?? new Secrets([]);
     const parameters = parametersOf(held.message.body, plan.task, secrets);
     this.queue({
       kind: "start",
-      ...this.about(held),
+      ...about,
       parameters: parameters === undefined ? null : JSON.stringify(parameters),
       command: secrets.mask(plan.display),
       hosts: plan.hosts.map((h) => h.name),
@@ -288,8 +301,14 @@ export class RunStore implements RunHistory, RunReader {
     );
   }
 
-  /** When this run id succeeded, if it has (in this worker's history). */
-  succeededAt(runId: string): number | undefined {
+  /**
+   * When the run of this message's Celery id succeeded, if it has (in this
+   * worker's history). Only a Celery id says "the same task": a queue
+   * message id is one message's only while its queue lasts.
+   */
+  succeededAt(held: Held): number | undefined {
+    const runId = held.meta?.taskId;
+    if (runId === undefined) return undefined;
     const waiting = this.succeeding.get(runId);
     if (waiting !== undefined) return waiting;
     try {
@@ -305,6 +324,10 @@ export class RunStore implements RunHistory, RunReader {
   private about(held: Held) {
     return {
       id: runIdOf(held),
+      /** The run id is the message's Celery id (else its queue message id). */
+      taskId: held.meta?.taskId !== undefined,
+      /** Its run begins here: its start, or an outcome with no start (a rejection). */
+      fresh: !this.started.has(held),
       messageId: held.message.id,
       task: taskLabel(held),
       sender: held.meta?.sender ?? null,
@@ -365,7 +388,18 @@ export class RunStore implements RunHistory, RunReader {
 
   private write(op: Op): void {
     const row = this.statements.get.get(op.id);
-    const had = row === undefined ? undefined : runRow(row);
+    let had = row === undefined ? undefined : runRow(row);
+    if (
+      had !== undefined && op.fresh && !op.taskId &&
+      had.finished_at !== null
+    ) {
+      // A message id names one message only while its queue lasts (a new
+      // embedded queue counts from 1 again): a finished run's id on a new
+      // message is a new run, and the old record gives way.
+      this.statements.remove.run(op.id);
+      had = undefined;
+      this.count--;
+    }
     if (had === undefined) this.count++;
     const messageIds = had?.message_ids ?? [];
     if (!messageIds.includes(op.messageId)) messageIds.push(op.messageId);

@@ -155,8 +155,10 @@ Deno.test("a run's record keeps every attempt on every host, masked, across its 
     assert.equal(runs[0].stderr, "bad [redacted]\n");
     assert.equal(record.duration_ms, 3000);
     assert.doesNotMatch(JSON.stringify(record), /s3cr3t|worker-token/);
-    assert.equal(store.succeededAt("run-1"), clock.now());
-    assert.equal(store.succeededAt("run-2"), undefined);
+    assert.equal(store.succeededAt(second), clock.now());
+    const other = heldFor("m3", DEPLOY("run-2"));
+    planned(other, clock.now());
+    assert.equal(store.succeededAt(other), undefined);
     assert.equal(store.get("nope"), undefined);
   });
 });
@@ -253,20 +255,22 @@ Deno.test("the history holds at most TASK_RUNS_MAX runs and none older than TASK
 });
 
 Deno.test("a store whose writes fail logs it once, counts every one, and the worker's calls return at once", async () => {
-  await withStore((open, lines, _clock, path) => {
+  await withStore((open, lines, clock, path) => {
     const store = open();
     // Another process holding the write lock: the store's BEGIN fails (SQLITE_BUSY).
     const other = new DatabaseSync(path);
     other.exec("BEGIN EXCLUSIVE");
     try {
       for (const id of ["x1", "x2"]) {
-        const held = heldFor(id, "plain");
-        held.meta = { priorRetries: 0 };
+        const held = heldFor(`m-${id}`, DEPLOY(id));
+        planned(held, 0);
         held.runs = [ran("a", 0, 0, "out")];
         store.settledRun(held, "success");
       }
       // Not written yet, a success is known all the same.
-      assert.ok(store.succeededAt("x1") !== undefined);
+      const again = heldFor("m3", DEPLOY("x1"));
+      planned(again, 0);
+      assert.equal(store.succeededAt(again), clock.now());
       const before = performance.now();
       store.flush();
       assert.ok(
@@ -284,5 +288,42 @@ Deno.test("a store whose writes fail logs it once, counts every one, and the wor
     );
     assert.match(lines[0], /2 write\(s\) failed: database is locked/);
     assert.equal(store.get("x1"), undefined);
+  });
+});
+
+Deno.test("a message without a Celery id is never taken for a success before it, and a new message reusing a finished run's message id starts a new record", async () => {
+  await withStore((open, _lines, clock) => {
+    const store = open();
+    const plain = (attempt = 1) => {
+      const held = heldFor("1", '{"args": ["x"]}', attempt);
+      held.meta = { priorRetries: 0 };
+      return held;
+    };
+    const first = plain();
+    store.startedRun(first, {
+      kind: "run",
+      command: "true x",
+      display: "true x",
+      hosts: [hostNamed("a")],
+      secrets: [],
+      meta: first.meta!,
+    });
+    first.runs = [ran("a", clock.now(), 0, "first")];
+    store.settledRun(first, "success");
+    store.flush();
+    // A fresh queue (the embedded one in memory, restarted) counts from 1 again.
+    const second = plain();
+    assert.equal(store.succeededAt(second), undefined);
+    clock.t += 1000;
+    second.runs = [ran("a", clock.now(), 1, "second")];
+    store.settledRun(second, "rejected", "not valid");
+    store.flush();
+    const record = store.get("1")!;
+    assert.equal(record.status, "REJECTED");
+    assert.deepEqual(record.statuses.map((s) => s.status), ["REJECTED"]);
+    assert.deepEqual(record.host_runs.map((r) => r.stdout), ["second\n"]);
+    const listed = store.list(new URLSearchParams());
+    assert.ok("runs" in listed);
+    assert.equal(listed.runs.length, 1);
   });
 });
