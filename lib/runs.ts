@@ -24,7 +24,7 @@ import { type MessagePlan, parseJsonBody } from "./message.ts";
 import { type Outcome, type RunReader } from "./monitor.ts";
 import { type Clock } from "./retry.ts";
 
-export const RUN_STATUSES = [
+const RUN_STATUSES = [
   "RUNNING",
   "RETRY",
   "SUCCESS",
@@ -338,7 +338,10 @@ export class RunStore implements RunHistory, RunReader {
 
   private queue(op: Op, bytes: number): void {
     if (this.closed) return;
-    if (this.pendingBytes + bytes > MAX_PENDING_BYTES) {
+    // One write larger than the bound alone (a fan-out to hundreds of hosts) still goes.
+    if (
+      this.pending.length > 0 && this.pendingBytes + bytes > MAX_PENDING_BYTES
+    ) {
       this.writeFailed(
         1,
         `the store is behind (${this.pending.length} writes waiting): this one is dropped`,
@@ -580,7 +583,7 @@ export class RunStore implements RunHistory, RunReader {
 }
 
 /** A run as listed. */
-export interface RunView {
+interface RunView {
   id: string;
   task: string;
   status: string;
@@ -595,7 +598,7 @@ export interface RunView {
 }
 
 /** A run's whole record: each host's run of each attempt, in order, with its output. */
-export interface RunRecordView extends RunView {
+interface RunRecordView extends RunView {
   parameters: unknown;
   command: string | null;
   statuses: { status: string; at: string; reason?: string }[];
@@ -707,7 +710,7 @@ interface RunFilter {
 }
 
 /** `?task=&host=&status=&since=&q=&limit=` read, or what is wrong with it. */
-export function runFilter(
+function runFilter(
   params: URLSearchParams,
   nowMs: number,
 ): RunFilter | { error: string } {
@@ -773,7 +776,7 @@ export function sinceMs(text: string, nowMs: number): number | undefined {
  * [redacted]), or TASK_COMMAND's args; every text masked. Undefined for a
  * body that is no JSON object (plain text runs with no parameters).
  */
-export function parametersOf(
+function parametersOf(
   body: string,
   task: TaskSpec | undefined,
   secrets: Secrets,

@@ -327,3 +327,16 @@ Deno.test("a message without a Celery id is never taken for a success before it,
     assert.equal(listed.runs.length, 1);
   });
 });
+
+Deno.test("a history that cannot be opened says why and what to do", () => {
+  const opened = RunStore.open(
+    { path: "/nonexistent-dir/runs.sqlite", keepDays: 30, max: 10 },
+    () => {},
+    { now: () => 0 },
+  );
+  assert.ok(!(opened instanceof RunStore));
+  assert.match(
+    opened.problem,
+    /cannot open the run history "\/nonexistent-dir\/runs\.sqlite" \(.*\): check that its folder is writable, or set TASK_RUNS_DB/,
+  );
+});

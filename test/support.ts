@@ -520,11 +520,16 @@ export function startQueueProxy(
   return proxy;
 }
 
-/** A command's environment: a home of its own (so no iron.json of the machine's is read), Deno's cache. */
+/**
+ * A command's environment: a home of its own (so no iron.json of the
+ * machine's is read, and a worker's run history is kept there, not in the
+ * repository it starts from), Deno's cache.
+ */
 export function baseEnv(home: string): Record<string, string> {
   return {
     PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
     HOME: home,
+    TASK_RUNS_DB: `${home}/runs.sqlite`,
     DENO_DIR: Deno.env.get("DENO_DIR") ??
       `${Deno.env.get("HOME")}/.cache/deno`,
     NO_COLOR: "1",
