@@ -296,6 +296,8 @@ function workerEnv(rig: Rig, queueName: string, extra: Env = {}): Env {
     SSH_KEY_FILE: rig.sshd.clientKeyFile,
     SSH_KNOWN_HOSTS: rig.sshd.knownHostsFile,
     TASK_COMMAND: "true",
+    // The worker processes keep their run history (on by default) in the rig.
+    TASK_RUNS_DB: `${rig.dir}/runs.sqlite`,
     ...extra,
   };
 }
