@@ -364,7 +364,7 @@ export class RunStore implements RunHistory, RunReader {
     try {
       this.db.exec("BEGIN IMMEDIATE");
       try {
-        for (const op of ops) this.write(op);
+        this.writeAll(ops);
         // The newest are in: the oldest past TASK_RUNS_MAX go in the same transaction.
         if (this.count > this.settings.max) {
           this.statements.oldest.run(this.count - this.settings.max);
@@ -389,61 +389,72 @@ export class RunStore implements RunHistory, RunReader {
     this.reportSize();
   }
 
-  private write(op: Op): void {
-    const row = this.statements.get.get(op.id);
-    let had = row === undefined ? undefined : runRow(row);
-    if (
-      had !== undefined && op.fresh && !op.taskId &&
-      had.finished_at !== null
-    ) {
-      // A message id names one message only while its queue lasts (a new
-      // embedded queue counts from 1 again): a finished run's id on a new
-      // message is a new run, and the old record gives way.
-      this.statements.remove.run(op.id);
-      had = undefined;
-      this.count--;
+  /**
+   * Writes a batch: each run read once, its ops applied in order, written
+   * once (a start and its outcome in one batch cost one row's write).
+   */
+  private writeAll(ops: Op[]): void {
+    const batch = new Map<
+      string,
+      {
+        run?: StoredRun;
+        stored: boolean;
+        replace: boolean;
+        attempts: AttemptRow[];
+      }
+    >();
+    for (const op of ops) {
+      let entry = batch.get(op.id);
+      if (entry === undefined) {
+        const row = this.statements.get.get(op.id);
+        entry = {
+          run: row === undefined ? undefined : runRow(row),
+          stored: row !== undefined,
+          replace: false,
+          attempts: [],
+        };
+        batch.set(op.id, entry);
+      }
+      if (
+        entry.run !== undefined && op.fresh && !op.taskId &&
+        entry.run.finished_at !== null
+      ) {
+        // A message id names one message only while its queue lasts (a new
+        // embedded queue counts from 1 again): a finished run's id on a new
+        // message is a new run, and the old record gives way.
+        entry.replace = entry.stored;
+        entry.run = undefined;
+        entry.attempts = [];
+      }
+      entry.run = merged(entry.run, op);
+      if (op.kind === "settle") entry.attempts.push(...op.attempts);
     }
-    if (had === undefined) this.count++;
-    const messageIds = had?.message_ids ?? [];
-    if (!messageIds.includes(op.messageId)) messageIds.push(op.messageId);
-    const statuses = had?.statuses ?? [];
-    const status: RunStatus = op.kind === "start" ? "RUNNING" : op.status;
-    const reason = op.kind === "settle" ? op.reason : null;
-    statuses.push(
-      reason === null ? { status, at: op.at } : {
-        status,
-        at: op.at,
-        reason,
-      },
-    );
-    const hosts = new Set(had?.hosts ?? []);
-    if (op.kind === "start") op.hosts.forEach((h) => hosts.add(h));
-    else op.attempts.forEach((a) => hosts.add(a.host));
-    const final = status !== "RUNNING" && status !== "RETRY";
-    this.statements.upsert.run({
-      id: op.id,
-      task: op.task,
-      status,
-      sender: op.sender ?? had?.sender ?? null,
-      parameters: op.kind === "start"
-        ? op.parameters
-        : had?.parameters === undefined
-        ? null
-        : JSON.stringify(had.parameters),
-      command: op.kind === "start" ? op.command : had?.command ?? null,
-      hosts: JSON.stringify([...hosts]),
-      message_ids: JSON.stringify(messageIds),
-      statuses: JSON.stringify(statuses.slice(-STATUSES_KEPT)),
-      reason: reason ?? (final ? null : had?.reason ?? null),
-      attempts: Math.max(had?.attempts ?? 0, op.attempt),
-      started_at: had?.started_at ?? op.at,
-      finished_at: final ? op.at : null,
-      succeeded_at: status === "SUCCESS" ? op.at : had?.succeeded_at ?? null,
-    });
-    if (op.kind === "settle") {
-      for (const a of op.attempts) {
+    for (const [id, entry] of batch) {
+      const run = entry.run!;
+      if (entry.replace) {
+        this.statements.remove.run(id);
+        this.count--;
+      }
+      if (!entry.stored || entry.replace) this.count++;
+      this.statements.upsert.run({
+        id,
+        task: run.task,
+        status: run.status,
+        sender: run.sender,
+        parameters: run.parameters,
+        command: run.command,
+        hosts: JSON.stringify(run.hosts),
+        message_ids: JSON.stringify(run.message_ids),
+        statuses: JSON.stringify(run.statuses.slice(-STATUSES_KEPT)),
+        reason: run.reason,
+        attempts: run.attempts,
+        started_at: run.started_at,
+        finished_at: run.finished_at,
+        succeeded_at: run.succeeded_at,
+      });
+      for (const a of entry.attempts) {
         this.statements.attempt.run(
-          op.id,
+          id,
           a.message_id,
           a.attempt,
           a.host,
@@ -574,7 +585,7 @@ export class RunStore implements RunHistory, RunReader {
     const run = runRow(row);
     return {
       ...runView(run),
-      parameters: run.parameters ?? null,
+      parameters: run.parameters === null ? null : JSON.parse(run.parameters),
       command: run.command,
       statuses: run.statuses.map((s) => ({ ...s, at: iso(s.at) })),
       host_runs: hostRuns,
@@ -622,7 +633,8 @@ interface StoredRun {
   task: string;
   status: string;
   sender: string | null;
-  parameters: unknown;
+  /** As JSON: parsed only for a record read whole. */
+  parameters: string | null;
   command: string | null;
   hosts: string[];
   message_ids: string[];
@@ -641,9 +653,7 @@ function runRow(row: Record<string, SQLOutputValue>): StoredRun {
     task: String(row.task),
     status: String(row.status),
     sender: text(row.sender),
-    parameters: row.parameters === null
-      ? undefined
-      : JSON.parse(String(row.parameters)),
+    parameters: text(row.parameters),
     command: text(row.command),
     hosts: JSON.parse(String(row.hosts)),
     message_ids: JSON.parse(String(row.message_ids)),
@@ -653,6 +663,37 @@ function runRow(row: Record<string, SQLOutputValue>): StoredRun {
     started_at: Number(row.started_at),
     finished_at: row.finished_at === null ? null : Number(row.finished_at),
     succeeded_at: row.succeeded_at === null ? null : Number(row.succeeded_at),
+  };
+}
+
+/** A run as it is after `op`: its status and times, message ids and hosts. */
+function merged(had: StoredRun | undefined, op: Op): StoredRun {
+  const status: RunStatus = op.kind === "start" ? "RUNNING" : op.status;
+  const reason = op.kind === "settle" ? op.reason : null;
+  const final = status !== "RUNNING" && status !== "RETRY";
+  const messageIds = had?.message_ids ?? [];
+  if (!messageIds.includes(op.messageId)) messageIds.push(op.messageId);
+  const hosts = new Set(had?.hosts ?? []);
+  if (op.kind === "start") op.hosts.forEach((h) => hosts.add(h));
+  else op.attempts.forEach((a) => hosts.add(a.host));
+  return {
+    id: op.id,
+    task: op.task,
+    status,
+    sender: op.sender ?? had?.sender ?? null,
+    parameters: op.kind === "start" ? op.parameters : had?.parameters ?? null,
+    command: op.kind === "start" ? op.command : had?.command ?? null,
+    hosts: [...hosts],
+    message_ids: messageIds,
+    statuses: [
+      ...had?.statuses ?? [],
+      reason === null ? { status, at: op.at } : { status, at: op.at, reason },
+    ],
+    reason: reason ?? (final ? null : had?.reason ?? null),
+    attempts: Math.max(had?.attempts ?? 0, op.attempt),
+    started_at: had?.started_at ?? op.at,
+    finished_at: final ? op.at : null,
+    succeeded_at: status === "SUCCESS" ? op.at : had?.succeeded_at ?? null,
   };
 }
 
