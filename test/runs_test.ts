@@ -3,9 +3,11 @@
  * start` starts it, on real sshd hosts and a real queue over HTTP: each run's
  * record on the listener after success, failure after retries on two hosts,
  * and rejection; the filters and q; a task id that succeeded not run again;
- * the history after a restart, and its bound; a store on a full disk.
+ * the history after a restart, and its bounds (count and age); a store on a
+ * full disk.
  */
 import assert from "node:assert/strict";
+import { RunStore } from "../lib/runs.ts";
 import {
   freePort,
   type LoopbackHosts,
@@ -128,7 +130,7 @@ async function getJson(
 
 Deno.test({
   name:
-    "the worker records each run (success, failure after retries on two hosts, rejection), lists it by filter, keeps it across a restart within its bound, and never runs a succeeded task id again",
+    "the worker records each run (success, failure after retries on two hosts, rejection), lists it by filter, keeps it across a restart within its bounds, and never runs a succeeded task id again",
   ...sshdTest,
   async fn() {
     await withSetup(async (s) => {
@@ -262,6 +264,34 @@ Deno.test({
 
         // Restarted with a lower bound: the oldest run is pruned.
         worker = startWorker(s, httpPort, { ...env, TASK_RUNS_MAX: "2" });
+        await worker.line(/web: listening on/);
+        assert.deepEqual(await ids(""), ["run-bad", "run-fail"]);
+        assert.equal((await worker.stop()).code, 0, worker.lines.join("\n"));
+
+        // A run recorded two days ago, then a start keeping one day: it goes.
+        const past = RunStore.open(
+          { path: env.TASK_RUNS_DB, keepDays: 30, max: 100 },
+          () => {},
+          { now: () => Date.now() - 2 * 86_400_000 },
+        );
+        assert.ok(past instanceof RunStore);
+        past.settledRun({
+          message: {
+            id: "9",
+            body: "old",
+            reserved_count: 1,
+            reservation_id: "r",
+          },
+          reservationId: "r",
+          attempt: 1,
+          meta: { priorRetries: 0 },
+        }, "success");
+        past.close();
+        worker = startWorker(s, httpPort, env);
+        await worker.line(/web: listening on/);
+        assert.deepEqual(await ids(""), ["run-bad", "run-fail", "9"]);
+        assert.equal((await worker.stop()).code, 0, worker.lines.join("\n"));
+        worker = startWorker(s, httpPort, { ...env, TASK_RUNS_KEEP_DAYS: "1" });
         await worker.line(/web: listening on/);
         assert.deepEqual(await ids(""), ["run-bad", "run-fail"]);
         assert.equal((await worker.stop()).code, 0, worker.lines.join("\n"));
