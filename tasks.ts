@@ -73,6 +73,7 @@ import {
   revokedReason,
 } from "./lib/revoke.ts";
 import { AttemptCounter, Settler } from "./lib/settle.ts";
+import { RunStore } from "./lib/runs.ts";
 import { type RunResult, SshHosts } from "./lib/ssh.ts";
 import { LiveRuns, RunStream } from "./lib/stream.ts";
 
@@ -125,8 +126,8 @@ async function main(): Promise<number> {
   }
 
   // What the worker does, counted and shown: lib/monitor.ts. With TASK_HTTP_PORT its
-  // listener serves the page, the metrics and the dead-letter actions;
-  // without one, nothing is counted.
+  // listener serves the page, the metrics, the dead-letter actions and the
+  // run history; without one, nothing is counted.
   const monitor = config.http ? new Monitor() : undefined;
   // Cancels (lib/revoke.ts): seen by peeking <queue>_revoked; and the runs
   // under way, for whoever follows one on the listener (lib/stream.ts).
@@ -138,6 +139,7 @@ async function main(): Promise<number> {
     log,
   );
   const live = config.http ? new LiveRuns() : undefined;
+  const history = openHistory(config, log, monitor);
   let web: { close(): Promise<void> } | undefined;
   if (monitor && live && config.http) {
     // The catalog's hooks (lib/hooks.ts) post their tasks' messages to the queue.
@@ -162,7 +164,7 @@ async function main(): Promise<number> {
         ),
         maskBody: (body) => maskedBody(body, config.task.catalog, secrets),
         log: (line) => log.info(line),
-        runs: {
+        live: {
           follow: (id) => live.follow(id),
           cancel: (id, who) =>
             cancelFromListener(
@@ -174,6 +176,7 @@ async function main(): Promise<number> {
               log,
             ),
         },
+        runs: history,
       });
     } catch (e) {
       log.error(
@@ -208,6 +211,7 @@ async function main(): Promise<number> {
       monitor,
       revocations,
       live,
+      runs: history,
     },
     config.queue.queueName,
   );
@@ -247,11 +251,32 @@ async function main(): Promise<number> {
     Deno.removeSignalListener("SIGINT", onSignal);
     runner.close();
     await web?.close();
+    history?.close();
     await server?.close();
   }
   log.info("stopped");
   await output.flush();
   return 0;
+}
+
+/** The run history (TASK_RUNS_DB), or none: a store that cannot open is said, not fatal. */
+function openHistory(
+  config: Config,
+  log: Log,
+  monitor: Monitor | undefined,
+): RunStore | undefined {
+  if (config.runs === undefined) return undefined;
+  const store = RunStore.open(
+    config.runs,
+    (line) => log.error(line),
+    realClock,
+    monitor,
+  );
+  if (!(store instanceof RunStore)) {
+    log.error(`${store.problem}; the worker goes on without a run history`);
+    return undefined;
+  }
+  return store;
 }
 
 /** A configuration error for the terminal or svlogd: one problem a line, escaped. */
@@ -413,6 +438,16 @@ export class Worker {
       log.warn(`message ${id}${named}: not run: ${reason}`, about);
       return this.settler.revoke(held, reason);
     }
+    const succeeded = this.deps.runs?.succeededAt(held);
+    if (succeeded !== undefined) {
+      log.info(
+        `message ${id}: task id ${plan.meta.taskId} already succeeded at ${
+          new Date(succeeded).toISOString()
+        }; not run again`,
+        about,
+      );
+      return this.settler.duplicate(held);
+    }
     switch (plan.kind) {
       case "reject":
         log.error(
@@ -451,6 +486,7 @@ export class Worker {
       );
     }
     log.debug(`message ${id}${named}: attempt ${held.attempt}`, about);
+    this.deps.runs?.startedRun(held, plan);
     const timeoutMs = plan.task?.timeoutMs ?? this.task.timeoutMs;
     const limit = `${timeoutMs / 1000} s`;
     const limitSource = plan.task ? "its timeout" : "TASK_TIMEOUT";

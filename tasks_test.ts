@@ -23,6 +23,7 @@ import {
   withSshd,
 } from "./test/sshd.ts";
 import {
+  baseEnv,
   fastClock,
   jumpingClock,
   memoryLog,
@@ -352,10 +353,7 @@ async function recorder(dir: string): Promise<string> {
 
 function workerEnv(sshd: Sshd, extra: Record<string, string>) {
   return {
-    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-    HOME: sshd.dir,
-    DENO_DIR: Deno.env.get("DENO_DIR") ??
-      `${Deno.env.get("HOME")}/.cache/deno`,
+    ...baseEnv(sshd.dir),
     ...sshEnv(sshd),
     MQ_DB: ":memory:",
     MQ_PORT: String(freePort()),

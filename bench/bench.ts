@@ -34,6 +34,7 @@ import { type Log, Secrets, setupLogging } from "../lib/log.ts";
 import { planCommand } from "../lib/message.ts";
 import { realClock } from "../lib/retry.ts";
 import { MAX_STREAM_POSTS } from "../lib/stream.ts";
+import { RunStore } from "../lib/runs.ts";
 import {
   type CommandRunner,
   type RunIo,
@@ -300,6 +301,8 @@ function workerEnv(rig: Rig, queueName: string, extra: Env = {}): Env {
     SSH_KEY_FILE: rig.sshd.clientKeyFile,
     SSH_KNOWN_HOSTS: rig.sshd.knownHostsFile,
     TASK_COMMAND: "true",
+    // The worker processes keep their run history (on by default) in the rig.
+    TASK_RUNS_DB: `${rig.dir}/runs.sqlite`,
     ...extra,
   };
 }
@@ -445,6 +448,7 @@ async function startWorker(
   rig: Rig,
   queueName: string,
   extra: Env = {},
+  historyDb?: string,
 ): Promise<InProcessWorker> {
   const config = parseConfig(workerEnv(rig, queueName, extra), {
     home: rig.dir,
@@ -472,6 +476,15 @@ async function startWorker(
     throw new Error(`warm-up failed: ${JSON.stringify(warm)}`);
   }
   const runner = new CountingRunner(pool);
+  const history = historyDb === undefined ? undefined : RunStore.open(
+    { path: historyDb, keepDays: 30, max: 100_000 },
+    (line) => rig.log.error(line),
+    realClock,
+  );
+  if (history !== undefined && !(history instanceof RunStore)) {
+    pool.close();
+    throw new Error(history.problem);
+  }
   const worker = new Worker(
     task,
     {
@@ -479,6 +492,7 @@ async function startWorker(
       runner,
       log: rig.log,
       clock: realClock,
+      runs: history,
     },
     queueName,
   );
@@ -493,6 +507,7 @@ async function startWorker(
       worker.abortRunning();
       await done;
       pool.close();
+      history?.close();
       if (runner.failures.length > 0) {
         throw new Error(`commands failed: ${runner.failures.slice(0, 3)}`);
       }
@@ -528,10 +543,21 @@ const WAN_DRAINS = [
 async function measureDrain(
   rig: Rig,
   count: number,
-  how: { concurrency?: number; latencyMs?: number } = {},
+  how: {
+    concurrency?: number;
+    latencyMs?: number;
+    /** A run history (lib/runs.ts) in this file. */
+    historyDb?: string;
+    /** A round of measures alike, on a queue of its own. */
+    round?: number;
+  } = {},
 ): Promise<Drain> {
-  const { concurrency, latencyMs } = how;
-  const queueName = latencyMs === undefined
+  const { concurrency, latencyMs, historyDb, round } = how;
+  // A stopped worker's last long-poll may still reserve what the next posts
+  // to its queue (until the reservation lapses): each drain has its own.
+  const queueName = round !== undefined
+    ? `drain_round_${round}`
+    : latencyMs === undefined
     ? `drain_${concurrency ?? "default"}`
     : `drain_plus_${latencyMs}_ms`;
   await postMany(rig, queueName, noOps(count));
@@ -541,10 +567,12 @@ async function measureDrain(
   const extra: Env = {};
   if (concurrency !== undefined) extra.TASK_CONCURRENCY = String(concurrency);
   if (proxy !== undefined) extra.IRON_PORT = String(proxy.port);
-  const worker = await startWorker(rig, queueName, extra).catch(async (e) => {
-    await proxy?.close();
-    throw e;
-  });
+  const worker = await startWorker(rig, queueName, extra, historyDb).catch(
+    async (e) => {
+      await proxy?.close();
+      throw e;
+    },
+  );
   let result: Throughput;
   try {
     const startedAt = performance.now();
@@ -561,6 +589,51 @@ async function measureDrain(
     await worker.stop().finally(() => proxy?.close());
   }
   return { ...result, concurrency: worker.concurrency };
+}
+
+/** The drain with the run history (lib/runs.ts) on, against it off, side by side. */
+export interface HistoryDrain {
+  count: number;
+  rounds: number;
+  off: Throughput;
+  on: Throughput;
+  /** Throughput with the history ÷ without: the target is ≥ 0.9. */
+  ratio: number;
+}
+
+/**
+ * The same drain without and with a run history (a fresh file each time),
+ * alternated (off, on, on, off, ...) so that a drift of the machine's load
+ * weighs on both alike; the ratio is of their total times.
+ */
+async function measureHistoryDrain(
+  rig: Rig,
+  count: number,
+  rounds = 3,
+): Promise<HistoryDrain> {
+  const seconds = { off: 0, on: 0 };
+  for (let i = 0; i < rounds * 2; i++) {
+    const on = (i % 4 === 1) || (i % 4 === 2);
+    const drain = await measureDrain(rig, count, {
+      historyDb: on ? `${rig.dir}/runs-${i}.sqlite` : undefined,
+      round: i,
+    });
+    seconds[on ? "on" : "off"] += drain.seconds;
+  }
+  const total = count * rounds;
+  const of = (s: number): Throughput => ({
+    count: total,
+    seconds: s,
+    perSecond: total / s,
+    msEach: s * 1000 / total,
+  });
+  return {
+    count,
+    rounds,
+    off: of(seconds.off),
+    on: of(seconds.on),
+    ratio: seconds.off / seconds.on,
+  };
 }
 
 // ---------------------------------------------------------------------------
@@ -1682,6 +1755,7 @@ export interface Results {
   floor?: Floor;
   drain?: Drain;
   drainSerial?: Drain;
+  historyDrain?: HistoryDrain;
   /** The far-away drains measured, nearest first. */
   wanDrains: WanDrain[];
   pickups?: number[];
@@ -1753,6 +1827,11 @@ export async function runBench(
       );
       if (drain) results.wanDrains.push({ ...drain, latencyMs, targetShare });
     }
+    results.historyDrain = await step(
+      "drain with the run history, and without",
+      sizes.drain,
+      () => measureHistoryDrain(rig, sizes.drain),
+    );
     results.pickups = await step(
       "pickup latency",
       sizes.pickups,
@@ -1946,6 +2025,19 @@ export function tableRows(r: Results): Row[] {
       figure: `${rate} (${n(share, 2)}× loopback)`,
       target: `≥ ${wan.targetShare}× loopback`,
       verdict: check(share >= wan.targetShare),
+    });
+  }
+  if (r.historyDrain) {
+    const h = r.historyDrain;
+    rows.push({
+      measure: `1. drain ${
+        n(h.count)
+      } no-ops with the run history ÷ without (${h.rounds} each, alternated)`,
+      figure: `${n(h.ratio, 2)}× (${n(h.on.perSecond)} vs ${
+        n(h.off.perSecond)
+      } msg/s)`,
+      target: "≥ 0.9×",
+      verdict: check(h.ratio >= 0.9),
     });
   }
   if (r.pickups) {

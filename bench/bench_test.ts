@@ -119,6 +119,7 @@ Deno.test({
       "floor",
       "drain",
       "drainSerial",
+      "historyDrain",
       "pickups",
       "memory",
       "seed",
@@ -140,6 +141,9 @@ Deno.test({
     assert.equal(follow.floodStreamed + follow.floodDropped, follow.floodLines);
     assert.ok(follow.floodPosts >= 2 && follow.pacedPosts >= 2);
     assert.equal(follow.unfollowedPosts, 0);
+    const history = rows.filter((r) => /with the run history/.test(r.measure));
+    assert.deepEqual(history.map((r) => r.target), ["≥ 0.9×"]);
+    assert.match(history[0].figure, /^[\d.]+× \([\d,]+ vs [\d,]+ msg\/s\)$/);
     const wanRows = rows.filter((r) => /ms queue latency$/.test(r.measure));
     assert.deepEqual(wanRows.map((r) => r.target), [
       "≥ 0.8× loopback",

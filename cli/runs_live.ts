@@ -1,6 +1,6 @@
 /**
  * cli/runs_live.ts: `runs follow <id>` and `runs cancel <id>`, the live half
- * of `deno task runs` (cli/runs.ts has list and show).
+ * of `deno task runs` (cli/runs.ts has list and show, and calls these).
  *
  * follow reads a run under way from the worker's listener (GET
  * /runs/<id>/events, with TASK_HTTP_PORT, TASK_HTTP_HOST and TASK_HTTP_TOKEN as
@@ -17,15 +17,6 @@ import { postRevocation, revokedQueueOf } from "../lib/revoke.ts";
 import { followedLines } from "../lib/stream.ts";
 import { type Env, errorText, isRecord } from "../lib/util.ts";
 import { printResult } from "./send.ts";
-
-const LIVE_USAGE = `       deno task runs follow <id>
-       deno task runs cancel <id>
-
-follow: the output of a run under way on the worker, as it comes, then its
-result; exits as send --wait does (the remote exit status; 1 otherwise).
-cancel: stops the run wherever it runs (TERM, then KILL), or deletes its
-message when it comes up; its result is REVOKED, naming you. It holds for
-TASK_REVOKE_TTL seconds (a day).`;
 
 /** The one argument, a run id; or a problem. */
 function runIdArg(args: string[], verb: string): string | undefined {
@@ -158,16 +149,4 @@ export async function cancel(args: string[], env: Env): Promise<number> {
     }: a worker running it stops it within about a second; one that reserves it later deletes it unrun (its result: REVOKED, cancelled by ${who}). An unknown or finished run is left as it is.`,
   );
   return 0;
-}
-
-if (import.meta.main) {
-  const [verb, ...rest] = Deno.args;
-  const env = Deno.env.toObject();
-  Deno.exit(
-    verb === "follow"
-      ? await follow(rest, env)
-      : verb === "cancel"
-      ? await cancel(rest, env)
-      : (console.error(`Usage: ${LIVE_USAGE.trimStart()}`), 2),
-  );
 }

@@ -10,17 +10,12 @@ import { Monitor } from "../lib/monitor.ts";
 import { parseRevocation } from "../lib/revoke.ts";
 import { LiveRuns } from "../lib/stream.ts";
 import { freePort } from "../test/sshd.ts";
-import {
-  baseEnv,
-  REPO,
-  spawnCollecting,
-  startTestQueue,
-} from "../test/support.ts";
+import { baseEnv, spawnCollecting, startTestQueue } from "../test/support.ts";
 
 async function runsLive(args: string[], env: Record<string, string>) {
   const c = spawnCollecting(
     "deno",
-    ["run", "--allow-all", `${REPO}cli/runs_live.ts`, ...args],
+    ["task", "-q", "runs", ...args],
     env,
   );
   await c.child.status;
@@ -93,7 +88,7 @@ Deno.test("runs follow prints a run's lines from the listener, then its end, exi
     deadLetters: new DeadLetters(q.client, "jobs_failed"),
     maskBody: (b) => b,
     log: () => {},
-    runs: {
+    live: {
       follow: (id) => live.follow(id),
       cancel: () => Promise.resolve({ ok: true, text: "posted" }),
     },
@@ -116,7 +111,7 @@ Deno.test("runs follow prints a run's lines from the listener, then its end, exi
     });
     const follower = spawnCollecting(
       "deno",
-      ["run", "--allow-all", `${REPO}cli/runs_live.ts`, "follow", "run-7"],
+      ["task", "-q", "runs", "follow", "run-7"],
       env,
     );
     await follower.line(/^started: message 70, attempt 1, on web1$/);

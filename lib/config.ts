@@ -121,6 +121,15 @@ export interface Config {
   http?: { hostname: string; port: number; token?: string };
   /** Each hook's secret (hook name to value), when this worker's listener receives them. */
   hookSecrets?: Map<string, string>;
+  /** TASK_RUNS_*: the run history (lib/runs.ts); off with TASK_RUNS_DB=off. */
+  runs?: RunsSettings;
+}
+
+export interface RunsSettings {
+  /** The database file (relative: to where the worker starts), or ":memory:". */
+  path: string;
+  keepDays: number;
+  max: number;
 }
 
 /** An iron.json file found on disk, as read (path for error messages). */
@@ -456,6 +465,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     task.resultsQueue = resultsQueue;
   }
   const http = httpSettings(read);
+  const runs = runsSettings(read);
   const warnings: string[] = [];
   const loaded = loadCatalog(
     context.catalogFile,
@@ -506,6 +516,7 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
     warnings,
     http,
     hookSecrets: hookSecretValues,
+    runs,
   };
 }
 
@@ -515,6 +526,22 @@ export function parseConfig(env: Env, context: ConfigContext): Config {
  */
 function revokeTtl(read: EnvReader): number {
   return read.seconds("TASK_REVOKE_TTL", 86_400, 1, 604_800);
+}
+
+/** TASK_RUNS_DB (runs.sqlite where the worker starts; off: none), _KEEP_DAYS, _MAX. */
+function runsSettings(read: EnvReader): RunsSettings | undefined {
+  const path = read.text("TASK_RUNS_DB", "runs.sqlite");
+  const keepDays = read.integer("TASK_RUNS_KEEP_DAYS", 30, 1, 36_500);
+  const max = read.integer("TASK_RUNS_MAX", 100_000, 1, 100_000_000);
+  if (path === "off") return undefined;
+  if (path.endsWith("/")) {
+    read.problems.push(
+      `TASK_RUNS_DB=${
+        JSON.stringify(path)
+      }: name a file (such as ${path}runs.sqlite), or off`,
+    );
+  }
+  return { path, keepDays, max };
 }
 
 /** TASK_HTTP_*: the monitor's listener, off unless TASK_HTTP_PORT is set. */
@@ -743,7 +770,8 @@ export function configContext(env: Env): ConfigContext {
 
 /**
  * Deno flags granting the worker only what this configuration needs: the queue
- * and SSH addresses, the key, known_hosts, iron.json and the embedded database.
+ * and SSH addresses, the key, known_hosts, iron.json, the embedded database and
+ * the run history.
  */
 export function permissionFlags(
   config: Config,
@@ -774,6 +802,13 @@ export function permissionFlags(
   for (const host of servedHosts(config.task)) {
     const first = host.jump[0] ?? host;
     net.add(`${bracketIPv6(first.host)}:${first.port}`);
+  }
+  const history = config.runs?.path;
+  if (history !== undefined && history !== ":memory:") {
+    for (const suffix of ["", "-wal", "-shm", "-journal"]) {
+      read.add(history + suffix);
+      write.add(history + suffix);
+    }
   }
   if (config.http) {
     const host = bracketIPv6(config.http.hostname);

@@ -106,6 +106,31 @@ Deno.test("config: no key and no agent is an error that says what to do", () => 
   assert.equal(withAgent.ssh.keyFile, undefined);
 });
 
+Deno.test("config: the run history's settings, every problem named", () => {
+  assert.deepEqual(parseConfig({}, context()).runs, {
+    path: "runs.sqlite",
+    keepDays: 30,
+    max: 100_000,
+  });
+  assert.equal(parseConfig({ TASK_RUNS_DB: "off" }, context()).runs, undefined);
+  const problems = configError(() =>
+    parseConfig(
+      {
+        TASK_RUNS_DB: "/var/lib/tasks/",
+        TASK_RUNS_KEEP_DAYS: "0",
+        TASK_RUNS_MAX: "lots",
+      },
+      context(),
+    )
+  ).join("\n");
+  assert.match(problems, /TASK_RUNS_DB="\/var\/lib\/tasks\/": name a file/);
+  assert.match(
+    problems,
+    /TASK_RUNS_KEEP_DAYS="0": must be a whole number from 1/,
+  );
+  assert.match(problems, /TASK_RUNS_MAX="lots": must be a whole number from 1/);
+});
+
 Deno.test("config: a broken iron.json is reported with its path", () => {
   const problems = configError(() =>
     parseConfig(
@@ -118,14 +143,24 @@ Deno.test("config: a broken iron.json is reported with its path", () => {
 
 Deno.test("permissions: only the configured hosts and files are granted", () => {
   const embedded = parseConfig(
-    { MQ_DB: "/var/lib/tasks/q.sqlite", SSH_HOST: "10.1.1.73" },
+    {
+      MQ_DB: "/var/lib/tasks/q.sqlite",
+      SSH_HOST: "10.1.1.73",
+      TASK_RUNS_DB: "/var/lib/tasks/runs.sqlite",
+    },
     context(),
   );
+  const q = "/var/lib/tasks/q.sqlite";
+  const runs = "/var/lib/tasks/runs.sqlite";
+  const files = (db: string) =>
+    ["", "-wal", "-shm", "-journal"].map((s) => db + s).join(",");
   assert.deepEqual(permissionFlags(embedded, ["/srv/iron.json"], false), [
     "--allow-env",
     "--allow-net=127.0.0.1:8080,10.1.1.73:22",
-    "--allow-read=/srv/iron.json,/var/lib/tasks/q.sqlite,/var/lib/tasks/q.sqlite-wal,/var/lib/tasks/q.sqlite-shm,/var/lib/tasks/q.sqlite-journal,/home/op/.ssh/known_hosts,/home/op/.ssh/id_ed25519",
-    "--allow-write=/var/lib/tasks/q.sqlite,/var/lib/tasks/q.sqlite-wal,/var/lib/tasks/q.sqlite-shm,/var/lib/tasks/q.sqlite-journal",
+    `--allow-read=/srv/iron.json,${files(q)},${
+      files(runs)
+    },/home/op/.ssh/known_hosts,/home/op/.ssh/id_ed25519`,
+    `--allow-write=${files(q)},${files(runs)}`,
   ]);
   const hosted = parseConfig(
     {
@@ -135,6 +170,7 @@ Deno.test("permissions: only the configured hosts and files are granted", () => 
       SSH_PORT: "2222",
       SSH_STRICT_HOST_KEY_CHECKING: "accept-new",
       SSH_KEY_FILE: "/keys/worker",
+      TASK_RUNS_DB: "off",
     },
     context(),
   );
@@ -146,6 +182,16 @@ Deno.test("permissions: only the configured hosts and files are granted", () => 
     "--allow-write=/home/op/.ssh/known_hosts",
     "--allow-sys=uid,gid,userInfo",
   ]);
+  // By default the history is runs.sqlite where the worker starts (./start goes there).
+  const local = permissionFlags(
+    parseConfig({ IRON_TOKEN: "t", IRON_PROJECT_ID: "p" }, context()),
+    [],
+    false,
+  );
+  assert.ok(
+    local.includes(`--allow-write=${files("runs.sqlite")}`),
+    local.join(" "),
+  );
   assert.ok(!flags.join(" ").includes("t0ken-value"));
   const spaced = parseConfig({ SSH_KEY_FILE: "/my keys/id" }, context());
   assert.throws(() => permissionFlags(spaced, [], false), /space or comma/);

@@ -7,11 +7,11 @@
  * Types and two small lookups only: nothing here talks to the queue or SSH.
  */
 
-import { type HostOutcome, Monitor } from "./monitor.ts";
+import { type HostOutcome, Monitor, type Outcome } from "./monitor.ts";
 import { type HostSpec } from "./hosts.ts";
 import { type QueueApi, type QueueMessage } from "./ironmq.ts";
 import { type Log, type LogFields, Secrets, Tail } from "./log.ts";
-import { type MessageMeta } from "./message.ts";
+import { type MessageMeta, type MessagePlan } from "./message.ts";
 import { type Clock } from "./retry.ts";
 import { type Revocations } from "./revoke.ts";
 import { type CommandRunner, type RunResult } from "./ssh.ts";
@@ -32,6 +32,18 @@ export interface WorkerDeps {
   revocations?: Revocations;
   /** Runs under way, for their followers on the listener (lib/stream.ts). */
   live?: LiveRuns;
+  /** Told each run's start and outcomes, for its history (lib/runs.ts). */
+  runs?: RunHistory;
+}
+
+/** The run history as the worker tells it (lib/runs.ts); it never throws or waits. */
+export interface RunHistory {
+  /** A message's command starts on its hosts. */
+  startedRun(held: Held, plan: MessagePlan & { kind: "run" }): void;
+  /** A message settled (the Settler's outcome), with this attempt's hosts. */
+  settledRun(held: Held, outcome: Outcome, reason?: string): void;
+  /** When the run of this message's Celery id succeeded, if it did: it is not run again. */
+  succeededAt(held: Held): number | undefined;
 }
 
 /** A reserved message and its current reservation id (a touch replaces it). */

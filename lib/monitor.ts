@@ -11,7 +11,11 @@
  * - `GET /events`: the same as Server-Sent Events: a snapshot, then changes;
  * - `GET /metrics`: Prometheus text; `GET /healthz`; `GET /readyz`;
  * - `GET /api/dead-letters`, `POST /api/dead-letters/<id>/requeue|discard`;
- * - `POST /hooks/<name>`: webhooks (lib/hooks.ts), trusted by their signature.
+ * - `POST /hooks/<name>`: webhooks (lib/hooks.ts), trusted by their signature;
+ * - `GET /runs?task=&host=&status=&since=&q=&limit=`, `GET /runs/<id>`: the
+ *   run history (lib/runs.ts);
+ * - `GET /runs/<id>/events`, `POST /runs/<id>/cancel`: a run under way,
+ *   followed or cancelled (lib/stream.ts, lib/revoke.ts).
  *
  * It imports only types from tasks.ts, so tasks.ts can import it.
  */
@@ -35,7 +39,9 @@ export type Outcome =
   | "rejected"
   | "revoked"
   | "retry"
-  | "not_run";
+  | "not_run"
+  /** A task id that already succeeded here: deleted, not run again. */
+  | "duplicate";
 
 export interface HostOutcome {
   exit_status: number | null;
@@ -114,6 +120,12 @@ interface Readiness {
   reason: string;
 }
 
+/** The run history's reading side (lib/runs.ts), for /runs. */
+export interface RunReader {
+  list(params: URLSearchParams): { runs: unknown[] } | { error: string };
+  get(id: string): unknown | undefined;
+}
+
 /** What the dead-letter part of the page needs (DeadLetters in tasks.ts). */
 type DeadLetterQueue = Pick<DeadLetters, "list" | "requeue" | "discard">;
 
@@ -130,7 +142,9 @@ export interface ServeOptions {
     HookAnswer
   >;
   /** Runs under way: followed (GET /runs/<id>/events) and cancelled (POST .../cancel). */
-  runs?: RunControl;
+  live?: RunControl;
+  /** The run history, when the worker keeps one (TASK_RUNS_DB). */
+  runs?: RunReader;
 }
 
 /** What the listener does for a run under way (lib/stream.ts, lib/revoke.ts in tasks.ts). */
@@ -154,6 +168,9 @@ export class Monitor {
   private readonly hookRequests: Counter<"hook" | "outcome">;
   /** hook, then outcome, to its count: for the page. */
   private readonly hookCounts = new Map<string, Record<string, number>>();
+  private readonly runsStoredGauge: Gauge;
+  private readonly runsBytes: Gauge;
+  private readonly runWriteFailures: Counter;
 
   private readonly runs = new Map<string, Run>();
   private readonly results: ResultView[] = [];
@@ -223,6 +240,22 @@ export class Monitor {
       name: "tasks_hook_requests_total",
       help: "Webhook requests (POST /hooks/<name>), by hook and outcome.",
       labelNames: ["hook", "outcome"],
+      registers,
+    });
+    this.runsStoredGauge = new Gauge({
+      name: "tasks_runs_stored",
+      help: "Runs in this worker's history (TASK_RUNS_DB).",
+      registers,
+    });
+    this.runsBytes = new Gauge({
+      name: "tasks_runs_db_bytes",
+      help: "Size of the run history's database, in bytes.",
+      registers,
+    });
+    this.runWriteFailures = new Counter({
+      name: "tasks_runs_write_failures_total",
+      help:
+        "Run history writes that failed (a full disk, a lock) or were dropped; the worker went on.",
       registers,
     });
     // prom-client's other process_* metrics read /proc/self, which Deno only
@@ -377,6 +410,17 @@ export class Monitor {
   deadLettered(task: string): void {
     this.deadLetters.inc({ task: this.taskLabel(task) });
     this.broadcast("dead", { task });
+  }
+
+  // -- run history (lib/runs.ts reports here) -----------------------------
+
+  runsStored(runs: number, bytes: number): void {
+    this.runsStoredGauge.set(runs);
+    this.runsBytes.set(bytes);
+  }
+
+  runWritesFailed(count: number): void {
+    this.runWriteFailures.inc(count);
   }
 
   /** A task name as a label: names past the first TASK_LABELS_KEPT count as "other". */
@@ -544,18 +588,9 @@ export class Monitor {
         case "GET /api/dead-letters":
           return await api.list();
       }
-      const action = /^POST \/api\/dead-letters\/([^/]+)\/(requeue|discard)$/
-        .exec(route);
-      if (action) {
-        // Message ids need no decoding: anything that would is refused.
-        const [, id, verb] = action;
-        return verb === "requeue"
-          ? await api.requeue(id, remote)
-          : await api.discard(id, remote);
-      }
       const run = /^(GET|POST) \/runs\/([^/]{1,200})\/(events|cancel)$/
         .exec(route);
-      if (run && options.runs) {
+      if (run && options.live) {
         const [, method, raw, verb] = run;
         let id: string;
         try {
@@ -564,17 +599,29 @@ export class Monitor {
           return text(400, "a run id must be URL-encoded UTF-8");
         }
         if (verb === "events" && method === "GET") {
-          return options.runs.follow(id) ??
+          return options.live.follow(id) ??
             text(
               404,
               `run ${id} is not under way on this worker (runs show ${id} tells how it ended)`,
             );
         }
         if (verb === "cancel" && method === "POST") {
-          const done = await options.runs.cancel(id, `the page (${remote})`);
+          const done = await options.live.cancel(id, `the page (${remote})`);
           return text(done.ok ? 202 : 503, done.text);
         }
         return text(405, `${method} is not allowed here`);
+      }
+      if (url.pathname === "/runs" || url.pathname.startsWith("/runs/")) {
+        return runsRoute(request.method, url, options.runs);
+      }
+      const action = /^POST \/api\/dead-letters\/([^/]+)\/(requeue|discard)$/
+        .exec(route);
+      if (action) {
+        // Message ids need no decoding: anything that would is refused.
+        const [, id, verb] = action;
+        return verb === "requeue"
+          ? await api.requeue(id, remote)
+          : await api.discard(id, remote);
       }
       const known = ROUTES.some((r) => r.endsWith(` ${url.pathname}`));
       return known
@@ -986,6 +1033,51 @@ class DeadLetterApi {
       stderr_tail: mask(r.stderr_tail),
     };
   }
+}
+
+/**
+ * `/runs` and `/runs/<id>[/<what>]`: the run history. One route a case, so
+ * that what a run offers besides its record sits beside it here.
+ */
+function runsRoute(
+  method: string,
+  url: URL,
+  runs: RunReader | undefined,
+): Response {
+  if (runs === undefined) {
+    const off =
+      "this worker keeps no run history (TASK_RUNS_DB=off, or it could not be opened: its log says)";
+    // The page asks for the list whatever the worker keeps: an empty one, said why.
+    return method === "GET" && url.pathname === "/runs"
+      ? json(200, { runs: [], off })
+      : json(404, { error: off });
+  }
+  const [, id, what] = /^\/runs(?:\/([^/]+)(?:\/([^/]+))?)?$/.exec(
+    url.pathname,
+  ) ?? [];
+  let runId: string | undefined;
+  try {
+    runId = id === undefined ? undefined : decodeURIComponent(id);
+  } catch {
+    return json(400, { error: "a run id must be URL-encoded UTF-8" });
+  }
+  switch (
+    `${method} ${runId === undefined ? "" : "<id>"}${what ? `/${what}` : ""}`
+  ) {
+    case "GET ": {
+      const listed = runs.list(url.searchParams);
+      return json("error" in listed ? 400 : 200, listed);
+    }
+    case "GET <id>": {
+      const record = runs.get(runId!);
+      return record === undefined
+        ? json(404, {
+          error: `no run ${JSON.stringify(runId)} in this worker's history`,
+        })
+        : json(200, record);
+    }
+  }
+  return json(404, { error: `no such route: ${method} ${url.pathname}` });
 }
 
 /** An error for the page: 404 when the message is gone, 502 when the queue failed, else 409. */

@@ -989,6 +989,10 @@ Deno.test({
         'tasks_messages_total{outcome="success",task="deploy"}': 2,
         'tasks_messages_total{outcome="failure",task="restart"}': 1,
         'tasks_dead_letters_total{task="restart"}': 1,
+        // No run history in this monitor's worker: its series are there, at 0.
+        "tasks_runs_stored": 0,
+        "tasks_runs_db_bytes": 0,
+        "tasks_runs_write_failures_total": 0,
         [bucket("127.0.0.2", "0.1")]: 0,
         [bucket("127.0.0.2", "0.5")]: 1,
         [bucket("127.0.0.2", "+Inf")]: 1,
@@ -1363,6 +1367,104 @@ Deno.test({
         );
         const left = await (await fetch(`${queues}/my_queue`)).json();
         assert.equal(left.queue.size, 0, "deleted, not retried");
+      } finally {
+        const status = await worker.stop();
+        await Deno.remove(dir, { recursive: true });
+        assert.equal(status.code, 0, worker.lines.join("\n"));
+      }
+    }),
+});
+
+Deno.test({
+  name:
+    "web: a real worker's page shows its run history after a restart, filtered, each run opening to each host's output",
+  ...workerTest,
+  fn: () =>
+    withSshd(async (sshd) => {
+      const dir = await Deno.makeTempDir({ prefix: "tasks-web-" });
+      const mqPort = freePort();
+      const httpPort = freePort();
+      // ./start from `dir`: the history is runs.sqlite there, by default.
+      const start = () =>
+        spawnCollecting(`${REPO}start`, [], {
+          PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+          HOME: dir,
+          INIT_CWD: dir,
+          DENO_DIR: Deno.env.get("DENO_DIR") ??
+            `${Deno.env.get("HOME")}/.cache/deno`,
+          NO_COLOR: "1",
+          ...sshEnv(sshd),
+          MQ_PORT: String(mqPort),
+          MQ_DB: ":memory:",
+          TASK_COMMAND: "echo line-out; echo line-err >&2; exit",
+          TASK_MAX_ATTEMPTS: "1",
+          TASK_POLL_WAIT: "1",
+          TASK_HTTP_PORT: String(httpPort),
+        }, dir);
+      const url = `http://127.0.0.1:${httpPort}`;
+      let worker = start();
+      try {
+        await worker.line(/web: listening on/, 90_000);
+        for (const body of ['{"args": ["0"]}', '{"args": ["5"]}']) {
+          const posted = await fetch(
+            `http://127.0.0.1:${mqPort}/3/projects/local/queues/my_queue/messages`,
+            {
+              method: "POST",
+              headers: { "Content-Type": "application/json" },
+              body: JSON.stringify({ messages: [{ body }] }),
+            },
+          );
+          assert.equal(posted.status, 201, await posted.text());
+        }
+        await worker.line(/moved to my_queue_failed/);
+        await worker.line(/\[127\.0\.0\.1\] exit: 0/);
+        assert.equal((await worker.stop()).code, 0, worker.lines.join("\n"));
+        await Deno.stat(`${dir}/runs.sqlite`);
+
+        worker = start();
+        await worker.line(/web: listening on/, 90_000);
+        await withBrowser(async (browser) => {
+          const tab = await browser.open({ width: 1280, height: 900 });
+          await tab.goto(url);
+          const listed =
+            `[...document.querySelectorAll("#history details")].map((d) => d.querySelector(".badge").textContent)`;
+          await tab.waitFor(`${listed}.length === 2`);
+          assert.deepEqual(await tab.value(listed), ["failure", "success"]);
+          await tab.value(
+            `document.querySelector('#history-filters select[name="status"]').value = "FAILURE"`,
+          );
+          await tab.click('#history-filters button[type="submit"]');
+          await tab.waitFor(`${listed}.length === 1`);
+          assert.deepEqual(await tab.value(listed), ["failure"]);
+          await tab.click("#history details summary");
+          const out =
+            `[...document.querySelectorAll("#history .host-out .output > div")].map((d) => (d.className === "err" ? "err: " : "out: ") + d.textContent)`;
+          await tab.waitFor(`${out}.length === 2`);
+          assert.deepEqual(await tab.value(out), [
+            "out: line-out",
+            "err: line-err",
+          ]);
+          assert.equal(
+            await tab.value(
+              `document.querySelector("#history .host-out h3 .badge").textContent`,
+            ),
+            "exit 5",
+          );
+          // q searches the output: none of the runs printed this.
+          await tab.value(
+            `document.querySelector('#history-filters select[name="status"]').value = ""`,
+          );
+          await tab.fill('#history-filters input[name="q"]', "not printed");
+          await tab.click('#history-filters button[type="submit"]');
+          await tab.waitFor(`${listed}.length === 0`);
+          assert.equal(
+            await tab.value(
+              `document.getElementById("history-empty").textContent`,
+            ),
+            "No run matches.",
+          );
+          assert.deepEqual(await tab.errors(), []);
+        });
       } finally {
         const status = await worker.stop();
         await Deno.remove(dir, { recursive: true });

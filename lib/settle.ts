@@ -60,6 +60,8 @@ const STATUS_OF: Record<Outcome, string> = {
   revoked: "REVOKED",
   retry: "RETRY",
   not_run: "NOT_RUN",
+  // Already succeeded here (the run history says): its result is that success.
+  duplicate: "SUCCESS",
 };
 
 /** At most this many settled messages whose delete did not land are remembered. */
@@ -189,11 +191,18 @@ export class Settler {
     this.track(held, this.recordDeadLetter(held, failure, status));
   }
 
-  /** One settled message, for the metrics and the page. */
+  /** A task id that already succeeded here (its history says): deleted, not run again. */
+  duplicate(held: Held): void {
+    this.count(held, "duplicate");
+    this.track(held, this.deleteSettled(held, "SUCCESS"));
+  }
+
+  /** One settled message, for the metrics, the page and the run history. */
   private count(held: Held, outcome: Outcome, reason?: string): void {
     const masked = reason === undefined
       ? undefined
       : this.maskerFor(held)(reason);
+    this.deps.runs?.settledRun(held, outcome, masked);
     this.deps.monitor?.messageSettled({
       messageId: held.message.id,
       task: taskLabel(held),

@@ -122,3 +122,15 @@ function byobReader(
     return undefined;
   }
 }
+
+/**
+ * Creates a database file 0600 whatever the umask (it holds message bodies,
+ * output); SQLite gives its -wal, -shm and -journal files the same mode.
+ */
+export function createPrivately(path: string): void {
+  try {
+    Deno.openSync(path, { createNew: true, write: true, mode: 0o600 }).close();
+  } catch (error) {
+    if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+  }
+}

@@ -17,7 +17,6 @@ import {
 import {
   baseEnv,
   type Collected,
-  REPO,
   spawnCollecting,
   startTestQueue,
   type TestQueue,
@@ -73,7 +72,7 @@ exec sleep 617
 function runsLive(args: string[], env: Record<string, string>): Collected {
   return spawnCollecting(
     "deno",
-    ["run", "--allow-all", `${REPO}cli/runs_live.ts`, ...args],
+    ["task", "-q", "runs", ...args],
     env,
   );
 }

@@ -25,6 +25,7 @@ import {
   withSshd,
 } from "./sshd.ts";
 import {
+  baseEnv,
   type Collected,
   eventually,
   fastClock,
@@ -89,11 +90,7 @@ function workerEnv(
 ): Record<string, string> {
   const { hostname, port } = new URL(queueUrl);
   return {
-    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-    HOME: sshd.dir,
-    DENO_DIR: Deno.env.get("DENO_DIR") ??
-      `${Deno.env.get("HOME")}/.cache/deno`,
-    NO_COLOR: "1",
+    ...baseEnv(sshd.dir),
     IRON_HOST: hostname,
     IRON_PORT: port,
     IRON_SCHEME: "http",

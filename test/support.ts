@@ -8,6 +8,7 @@
 
 import { IronMqClient } from "../lib/ironmq.ts";
 import { LineSplitter, type Log } from "../lib/log.ts";
+import { errorText } from "../lib/util.ts";
 import {
   type QueueServer,
   type QueueServerOptions,
@@ -519,11 +520,16 @@ export function startQueueProxy(
   return proxy;
 }
 
-/** A command's environment: a home of its own (so no iron.json of the machine's is read), Deno's cache. */
+/**
+ * A command's environment: a home of its own (so no iron.json of the
+ * machine's is read, and a worker's run history is kept there, not in the
+ * repository it starts from), Deno's cache.
+ */
 export function baseEnv(home: string): Record<string, string> {
   return {
     PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
     HOME: home,
+    TASK_RUNS_DB: `${home}/runs.sqlite`,
     DENO_DIR: Deno.env.get("DENO_DIR") ??
       `${Deno.env.get("HOME")}/.cache/deno`,
     NO_COLOR: "1",
@@ -551,5 +557,23 @@ export async function withCatalogQueue(
   } finally {
     await q.close();
     await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Mounts a tmpfs of `size` on `dir`; the reason when that is not possible here. */
+export async function mountTmpfs(
+  dir: string,
+  size: string,
+): Promise<string | undefined> {
+  try {
+    const mount = await new Deno.Command("mount", {
+      args: ["-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", dir],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    if (mount.success) return undefined;
+    return new TextDecoder().decode(mount.stderr).trim();
+  } catch (error) {
+    return `cannot run mount: ${errorText(error)}`;
   }
 }

@@ -3,7 +3,6 @@
  * Timeouts, delays and expiration run on an injected clock; long-polls on real time.
  */
 import assert from "node:assert/strict";
-import { errorText } from "../util.ts";
 import {
   type QueueServer,
   type QueueServerOptions,
@@ -11,7 +10,7 @@ import {
   startQueueServer,
 } from "./server.ts";
 import { checkMetrics, needs, PROMTOOL, toolMissing } from "../../test/sshd.ts";
-import { statusMb } from "../../test/support.ts";
+import { mountTmpfs, statusMb } from "../../test/support.ts";
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -885,24 +884,6 @@ Deno.test("a client that hangs up mid-body is not logged as a server failure", a
     assert.deepEqual(await api.post("jobs", "next"), ["1"]);
   }, { log: (line) => lines.push(line) });
 });
-
-/** Mounts a tmpfs of `size` on `dir`; the reason when that is not possible here. */
-async function mountTmpfs(
-  dir: string,
-  size: string,
-): Promise<string | undefined> {
-  try {
-    const mount = await new Deno.Command("mount", {
-      args: ["-t", "tmpfs", "-o", `size=${size},mode=0700`, "tmpfs", dir],
-      stdout: "null",
-      stderr: "piped",
-    }).output();
-    if (mount.success) return undefined;
-    return new TextDecoder().decode(mount.stderr).trim();
-  } catch (error) {
-    return `cannot run mount: ${errorText(error)}`;
-  }
-}
 
 Deno.test("a full disk answers 507 with SQLite's own error, in the reply and the log", async () => {
   const dir = await Deno.makeTempDir();

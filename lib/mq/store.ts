@@ -7,7 +7,7 @@
  * Every change is one transaction; it never answers HTTP itself.
  */
 import { DatabaseSync, type SQLOutputValue } from "node:sqlite";
-import { errorText } from "../util.ts";
+import { createPrivately, errorText } from "../util.ts";
 
 export const MAX_REQUEST_BYTES = 256 * 1024;
 
@@ -186,18 +186,6 @@ function openDatabase(path: string): DatabaseSync {
         errorText(error)
       }. Check the path is writable and that no other mq_server uses it.`,
     );
-  }
-}
-
-/**
- * Creates the database file 0600 whatever the umask: it holds message bodies.
- * SQLite gives the -wal, -shm and -journal files the database file's mode.
- */
-function createPrivately(path: string): void {
-  try {
-    Deno.openSync(path, { createNew: true, write: true, mode: 0o600 }).close();
-  } catch (error) {
-    if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
   }
 }
 
