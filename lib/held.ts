@@ -9,7 +9,11 @@
 
 import { type HostOutcome, Monitor } from "./monitor.ts";
 import { type HostSpec } from "./hosts.ts";
-import { type QueueApi, type QueueMessage } from "./ironmq.ts";
+import {
+  type IronMqClient,
+  type QueueApi,
+  type QueueMessage,
+} from "./ironmq.ts";
 import { type Log, type LogFields, Secrets, Tail } from "./log.ts";
 import { type MessageMeta } from "./message.ts";
 import { type Clock } from "./retry.ts";
@@ -26,6 +30,13 @@ export interface WorkerDeps {
   secrets?: Secrets;
   /** Told what happens, for the metrics and the page (lib/monitor.ts). */
   monitor?: Monitor;
+  /** A client for a lock queue of the catalog's limits (lib/limits.ts). */
+  locks?: (
+    queue: string,
+  ) => Pick<
+    IronMqClient,
+    "reserve" | "touch" | "release" | "delete" | "post" | "queueSize"
+  >;
 }
 
 /** A reserved message and its current reservation id (a touch replaces it). */
