@@ -313,19 +313,21 @@ Deno.test({
   fn: () =>
     withLimits(keyed(1, 5), async ({ queue, dir, worker, locks }) => {
       const a = worker();
-      await ready(a);
+      const b = worker();
+      await Promise.all([ready(a), ready(b)]);
       await queue.post([job("x", "first")]);
       await until(
         "first started",
         async () => (await readEvents(dir)).some((e) => e.id === "first"),
       );
-      const b = worker();
-      await ready(b);
-      await queue.post([job("x", "second")]);
-      await b.line(/waiting for job kx \(1 running\)/);
+      const runs = (w: Collected) =>
+        w.lines.some((l) => /run: .*first/.test(l));
+      const [holder, other] = runs(a) ? [a, b] : [b, a];
       const killedAt = Date.now();
-      await a.stop("SIGKILL");
+      await holder.stop("SIGKILL");
       assert.deepEqual([...(await locks()).values()], [1], "held, still one");
+      await queue.post([job("x", "second")]);
+      await other.line(/waiting for job kx \(1 running\)/);
       await until(
         "second started on the other worker",
         async () => (await readEvents(dir)).some((e) => e.id === "second"),
@@ -351,7 +353,7 @@ Deno.test({
       assert.deepEqual([...(await locks()).values()], [1]);
       const [name] = (await locks()).keys();
       assert.equal((await queue.peek(name)).length, 1, "its token is ready");
-      await b.stop();
+      await other.stop();
     }),
 });
 
