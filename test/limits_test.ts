@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import {
+  freePort,
   type LoopbackHosts,
   needs,
   sshdMissing,
@@ -18,6 +19,7 @@ import {
   recorder,
   REPO,
   type RunEvent,
+  sample,
   sleep,
   spawnCollecting,
   startTestQueue,
@@ -129,6 +131,17 @@ async function doneCount(dir: string): Promise<number> {
   return (await readEvents(dir)).filter((e) => e.kind === "done").length;
 }
 
+/** The page's first event: the snapshot it draws from. */
+async function snapshot(url: string): Promise<Record<string, never>> {
+  const response = await fetch(`${url}/events`);
+  const reader = response.body!.pipeThrough(new TextDecoderStream())
+    .getReader();
+  let text = "";
+  while (!text.includes("\n\n")) text += (await reader.read()).value ?? "";
+  await reader.cancel();
+  return JSON.parse(/^data: (.*)$/m.exec(text)![1]);
+}
+
 const ready = (w: Collected) => w.line(/worker: queue jobs/, 60_000);
 
 Deno.test({
@@ -146,13 +159,27 @@ tasks:
     max_attempts: 1
 `,
       async ({ queue, dir, worker, locks }) => {
-        const a = worker();
-        const b = worker();
+        const ports = [freePort(), freePort()];
+        const a = worker({ TASK_HTTP_PORT: String(ports[0]) });
+        const b = worker({ TASK_HTTP_PORT: String(ports[1]) });
         await Promise.all([ready(a), ready(b)]);
         const ids = Array.from({ length: 8 }, (_, i) => `m${i}`);
         await queue.post(
           ids.map((id) => JSON.stringify({ task: "deploy", args: [id] })),
         );
+        // The waits are on /metrics and on the page's snapshot.
+        let shown: { waiting?: Record<string, number> } = {};
+        await until("a wait on /metrics and the page", async () => {
+          for (const port of ports) {
+            const url = `http://127.0.0.1:${port}`;
+            const metrics = await (await fetch(`${url}/metrics`)).text();
+            const gauge = sample(metrics, 'tasks_runs_waiting{task="deploy"}');
+            if (gauge === undefined || gauge < 1) continue;
+            shown = await snapshot(url);
+            if ((shown.waiting?.deploy ?? 0) >= 1) return true;
+          }
+          return false;
+        });
         await until(
           "8 runs done",
           async () => await doneCount(dir) === 8 && await queue.size() === 0,
