@@ -440,12 +440,16 @@ async function startWorker(
   rig: Rig,
   queueName: string,
   extra: Env = {},
+  catalog?: string,
 ): Promise<InProcessWorker> {
   const config = parseConfig(workerEnv(rig, queueName, extra), {
     home: rig.dir,
     user: rig.sshd.user,
     ironJsonFiles: [],
     exists: () => false,
+    catalogFile: catalog === undefined
+      ? undefined
+      : { path: "bench.yaml", text: catalog, named: true },
   });
   const { task, ssh } = config;
   const pool = new SshHosts(
@@ -474,6 +478,7 @@ async function startWorker(
       runner,
       log: rig.log,
       clock: realClock,
+      locks: (name) => rig.client(name),
     },
     queueName,
   );
@@ -523,12 +528,18 @@ const WAN_DRAINS = [
 async function measureDrain(
   rig: Rig,
   count: number,
-  how: { concurrency?: number; latencyMs?: number } = {},
+  how: {
+    concurrency?: number;
+    latencyMs?: number;
+    /** A catalog whose default task the no-ops run, and its queue's name. */
+    catalog?: { text: string; queue: string };
+  } = {},
 ): Promise<Drain> {
   const { concurrency, latencyMs } = how;
-  const queueName = latencyMs === undefined
-    ? `drain_${concurrency ?? "default"}`
-    : `drain_plus_${latencyMs}_ms`;
+  const queueName = how.catalog?.queue ??
+    (latencyMs === undefined
+      ? `drain_${concurrency ?? "default"}`
+      : `drain_plus_${latencyMs}_ms`);
   await postMany(rig, queueName, noOps(count));
   const proxy = latencyMs === undefined
     ? undefined
@@ -536,10 +547,11 @@ async function measureDrain(
   const extra: Env = {};
   if (concurrency !== undefined) extra.TASK_CONCURRENCY = String(concurrency);
   if (proxy !== undefined) extra.IRON_PORT = String(proxy.port);
-  const worker = await startWorker(rig, queueName, extra).catch(async (e) => {
-    await proxy?.close();
-    throw e;
-  });
+  const worker = await startWorker(rig, queueName, extra, how.catalog?.text)
+    .catch(async (e) => {
+      await proxy?.close();
+      throw e;
+    });
   let result: Throughput;
   try {
     const startedAt = performance.now();
@@ -556,6 +568,49 @@ async function measureDrain(
     await worker.stop().finally(() => proxy?.close());
   }
   return { ...result, concurrency: worker.concurrency };
+}
+
+// ---------------------------------------------------------------------------
+// 1b. Limits (issue 19): catalog tasks with and without a concurrency limit
+// ---------------------------------------------------------------------------
+
+/** The same no-ops: TASK_COMMAND, a task without limits, one of `concurrency: 1`. */
+export interface LimitsDrains {
+  plain: Drain;
+  free: Drain;
+  /** At TASK_CONCURRENCY=1: the serial floor the limited task is compared with. */
+  freeSerial: Drain;
+  limited: Drain;
+}
+
+const limitCatalog = (limit: string) => `
+default: job
+tasks:
+  job: {command: "true"${limit}}
+`;
+
+/**
+ * Side by side on the same load: a task without limits drains as TASK_COMMAND
+ * does; a task of `concurrency: 1` runs one at a time, and its cost per run
+ * over a serial drain is what its lease (reserve, count, release) adds.
+ */
+async function measureLimits(rig: Rig, count: number): Promise<LimitsDrains> {
+  const catalog = (queue: string, limit = "") => ({
+    catalog: { text: limitCatalog(limit), queue },
+  });
+  return {
+    plain: await measureDrain(rig, count),
+    free: await measureDrain(rig, count, catalog("limits_free")),
+    freeSerial: await measureDrain(rig, count, {
+      concurrency: 1,
+      ...catalog("limits_free_serial"),
+    }),
+    limited: await measureDrain(
+      rig,
+      count,
+      catalog("limits_one", ", concurrency: 1"),
+    ),
+  };
 }
 
 // ---------------------------------------------------------------------------
@@ -1677,6 +1732,7 @@ export interface Results {
   floor?: Floor;
   drain?: Drain;
   drainSerial?: Drain;
+  limits?: LimitsDrains;
   /** The far-away drains measured, nearest first. */
   wanDrains: WanDrain[];
   pickups?: number[];
@@ -1737,6 +1793,11 @@ export async function runBench(
       "drain at the default concurrency",
       sizes.drain,
       () => measureDrain(rig, sizes.drain),
+    );
+    results.limits = await step(
+      "drain: TASK_COMMAND, a task without limits, one of concurrency: 1",
+      sizes.drain,
+      () => measureLimits(rig, Math.ceil(sizes.drain / 4)),
     );
     // Right after the loopback drain they are compared with, on the same load.
     for (const { latencyMs, size, targetShare } of WAN_DRAINS) {
@@ -1823,6 +1884,24 @@ export function tableRows(r: Results): Row[] {
       `${n(r.drainSerial.perSecond)} msg/s (${
         n(r.drainSerial.msEach, 2)
       } ms each)`,
+    ));
+  }
+  if (r.limits) {
+    const { plain, free, freeSerial, limited } = r.limits;
+    const share = free.perSecond / plain.perSecond;
+    rows.push({
+      measure: `1b. drain ${n(free.count)} no-ops, a task without limits`,
+      figure: `${n(free.perSecond)} msg/s (${n(share, 2)}× TASK_COMMAND's ${
+        n(plain.perSecond)
+      })`,
+      target: "≈ 1× (within noise)",
+      verdict: check(share >= 0.8),
+    });
+    rows.push(info(
+      `1b. drain ${n(limited.count)} no-ops, a task of concurrency: 1`,
+      `${n(limited.perSecond)} msg/s (${n(limited.msEach, 2)} ms each; ${
+        n(limited.msEach - freeSerial.msEach, 2)
+      } ms a run over a serial drain's ${n(freeSerial.msEach, 2)})`,
     ));
   }
   for (const wan of r.wanDrains) {

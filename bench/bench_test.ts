@@ -119,6 +119,7 @@ Deno.test({
       "floor",
       "drain",
       "drainSerial",
+      "limits",
       "pickups",
       "memory",
       "seed",
@@ -133,7 +134,7 @@ Deno.test({
     const allRows = tableRows(results);
     // The many-hosts rows (6.) are checked below: a missing tool skips its row.
     const rows = allRows.filter((r) => !r.measure.startsWith("6."));
-    assert.equal(rows.filter((r) => r.verdict !== "").length, 10);
+    assert.equal(rows.filter((r) => r.verdict !== "").length, 11);
     const wanRows = rows.filter((r) => /ms queue latency$/.test(r.measure));
     assert.deepEqual(wanRows.map((r) => r.target), [
       "≥ 0.8× loopback",
