@@ -531,12 +531,14 @@ async function measureDrain(
   how: {
     concurrency?: number;
     latencyMs?: number;
-    /** A catalog whose default task the no-ops run, and its queue's name. */
-    catalog?: { text: string; queue: string };
+    /** A queue of its own (one drained before may have a cut long-poll). */
+    queue?: string;
+    /** A catalog whose default task the no-ops run. */
+    catalog?: string;
   } = {},
 ): Promise<Drain> {
   const { concurrency, latencyMs } = how;
-  const queueName = how.catalog?.queue ??
+  const queueName = how.queue ??
     (latencyMs === undefined
       ? `drain_${concurrency ?? "default"}`
       : `drain_plus_${latencyMs}_ms`);
@@ -547,7 +549,7 @@ async function measureDrain(
   const extra: Env = {};
   if (concurrency !== undefined) extra.TASK_CONCURRENCY = String(concurrency);
   if (proxy !== undefined) extra.IRON_PORT = String(proxy.port);
-  const worker = await startWorker(rig, queueName, extra, how.catalog?.text)
+  const worker = await startWorker(rig, queueName, extra, how.catalog)
     .catch(async (e) => {
       await proxy?.close();
       throw e;
@@ -596,10 +598,11 @@ tasks:
  */
 async function measureLimits(rig: Rig, count: number): Promise<LimitsDrains> {
   const catalog = (queue: string, limit = "") => ({
-    catalog: { text: limitCatalog(limit), queue },
+    queue,
+    catalog: limitCatalog(limit),
   });
   return {
-    plain: await measureDrain(rig, count),
+    plain: await measureDrain(rig, count, { queue: "limits_plain" }),
     free: await measureDrain(rig, count, catalog("limits_free")),
     freeSerial: await measureDrain(rig, count, {
       concurrency: 1,

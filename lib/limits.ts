@@ -288,7 +288,9 @@ class Waiter {
 /** This worker's line for one lock: its waiters in arrival order, and the reserves for them. */
 class Gate {
   private readonly line: Waiter[] = [];
-  private serving?: Promise<void>;
+  /** Whether serve() runs: set and cleared in the same turn as its loop's checks. */
+  private serving = false;
+  private loop?: Promise<void>;
   private readonly api: LockQueue;
   private failing = false;
 
@@ -306,72 +308,84 @@ class Gate {
     if (this.halt.aborted) return Promise.resolve(false);
     this.line.push(waiter);
     // Behind others: it waits, whatever the queue would say now.
-    if (this.serving !== undefined) waiter.park();
-    else this.serving = this.serve().finally(() => this.serving = undefined);
+    if (this.serving) waiter.park();
+    else {
+      this.serving = true;
+      this.loop = this.serve().catch((e) =>
+        this.deps.log.error(`limit ${this.lock.label}: ${errorText(e)}`)
+      );
+    }
     return waiter.now;
   }
 
   /** Resolves once its last reserve has returned (and what it brought, released). */
   async ended(): Promise<void> {
-    await this.serving;
+    await this.loop;
   }
 
   private async serve(): Promise<void> {
-    let wait = 0; // the first try answers at once; then long-polls
-    while (this.line.length > 0 && !this.halt.aborted) {
-      const n = Math.min(this.line.length, this.lock.limit, 100);
-      const started = this.deps.clock.now();
-      let tokens: { id: string; body: string; reservation_id: string }[] = [];
-      try {
-        // Never cut by a stop: a reserve cut off mid-flight could leave a
-        // token reserved by nobody until its reservation times out.
-        tokens = await this.api.reserve(
-          n,
-          this.task.reservationTimeoutSeconds,
-          wait,
-        );
-        this.failing = false;
-      } catch (e) {
-        if (!(e instanceof QueueError && e.status === 404)) {
-          if (!this.failing) {
-            this.deps.log.warn(
-              `limit ${this.lock.label}: reserve from ${this.lock.queue}: ${
-                errorText(e)
-              }; trying again`,
-            );
+    // The loop's last check and clearing `serving` happen in one turn (this
+    // finally, no await between): a waiter that joins after it starts a new
+    // loop, and never parks with none to serve it.
+    try {
+      let wait = 0; // the first try answers at once; then long-polls
+      while (this.line.length > 0 && !this.halt.aborted) {
+        const n = Math.min(this.line.length, this.lock.limit, 100);
+        const started = this.deps.clock.now();
+        let tokens: { id: string; body: string; reservation_id: string }[] = [];
+        try {
+          // Never cut by a stop: a reserve cut off mid-flight could leave a
+          // token reserved by nobody until its reservation times out.
+          tokens = await this.api.reserve(
+            n,
+            this.task.reservationTimeoutSeconds,
+            wait,
+          );
+          this.failing = false;
+        } catch (e) {
+          if (!(e instanceof QueueError && e.status === 404)) {
+            if (!this.failing) {
+              this.deps.log.warn(
+                `limit ${this.lock.label}: reserve from ${this.lock.queue}: ${
+                  errorText(e)
+                }; trying again`,
+              );
+            }
+            this.failing = true;
+            for (const waiter of this.line) waiter.park();
+            await this.deps.clock.sleep(1000, this.halt).catch(() => {});
+            wait = this.pollWait();
+            continue;
           }
-          this.failing = true;
-          for (const waiter of this.line) waiter.park();
-          await this.deps.clock.sleep(1000, this.halt).catch(() => {});
-          wait = this.pollWait();
-          continue;
+          // No lock queue yet: the repair below creates it with its tokens.
         }
-        // No lock queue yet: the repair below creates it with its tokens.
+        let passed = 0;
+        for (const token of tokens) {
+          const lease = await this.check(token);
+          if (lease === undefined) continue;
+          passed++;
+          const waiter = this.line.shift();
+          if (waiter === undefined || this.halt.aborted) await lease.release();
+          else waiter.give(lease);
+        }
+        if (passed < n) {
+          for (const waiter of this.line) waiter.park();
+          if (tokens.length < n) await this.repair();
+        }
+        // An empty answer sooner than the long-poll allows (wait 0, or a
+        // server that ignores it) must not make this loop spin.
+        if (
+          wait > 0 && tokens.length === 0 &&
+          this.deps.clock.now() - started < wait * 500
+        ) {
+          await this.deps.clock.sleep(1000, this.halt).catch(() => {});
+        }
+        wait = this.pollWait();
       }
-      let passed = 0;
-      for (const token of tokens) {
-        const lease = await this.check(token);
-        if (lease === undefined) continue;
-        passed++;
-        const waiter = this.line.shift();
-        if (waiter === undefined || this.halt.aborted) await lease.release();
-        else waiter.give(lease);
-      }
-      if (passed < n) {
-        for (const waiter of this.line) waiter.park();
-        if (tokens.length < n) await this.repair();
-      }
-      // An empty answer sooner than the long-poll allows (wait 0, or a
-      // server that ignores it) must not make this loop spin.
-      if (
-        wait > 0 && tokens.length === 0 &&
-        this.deps.clock.now() - started < wait * 500
-      ) {
-        await this.deps.clock.sleep(1000, this.halt).catch(() => {});
-      }
-      wait = this.pollWait();
+      for (const waiter of this.line) waiter.park();
+    } finally {
+      this.serving = false;
     }
-    for (const waiter of this.line) waiter.park();
   }
 
   private pollWait(): number {
