@@ -171,12 +171,14 @@ function worker(
     task: task.catalog!.tasks.get("job")!,
     hosts: [hostNamed("web1")],
   };
+  const ended = new Map<Held, () => void>();
   const work = async (h: Held) => {
     seen.most = Math.max(seen.most, ++seen.now);
     await sleep(ms);
     seen.now--;
     seen.done++;
     limits.leave(h);
+    ended.get(h)?.();
   };
   const limits: Limits = new Limits(task, "jobs", {
     locks: (queueName) =>
@@ -193,6 +195,13 @@ function worker(
     log,
     async start(h: Held) {
       if (await limits.enter(h, run)) await work(h);
+    },
+    /** Resolves once `h` has run, at once or after waiting. */
+    runs(h: Held): Promise<void> {
+      const done = Promise.withResolvers<void>();
+      ended.set(h, done.resolve);
+      void this.start(h);
+      return done.promise;
     },
   };
 }
@@ -269,6 +278,36 @@ tasks:
   } finally {
     stop.abort();
     await Promise.all(stopped);
+    await q.close();
+  }
+});
+
+Deno.test("limits: runs of one key, each entering as another ends, all run, one at a time, without a stall", async () => {
+  const q = await startTestQueue({}, "p", "jobs");
+  const task = taskConfig(`
+tasks:
+  job: {command: "true", concurrency: 1}
+`);
+  const seen = { now: 0, most: 0, done: 0 };
+  const w = worker(task, q.server.url, seen, 0, () => 0);
+  const stop = new AbortController();
+  const stopped = w.limits.run(stop.signal);
+  try {
+    // Two processors, each taking its next message when its run ends.
+    const processor = async () => {
+      for (let i = 0; i < 40; i++) await w.runs(held());
+    };
+    await Promise.race([
+      Promise.all([processor(), processor()]),
+      sleep(20_000).then(() => {
+        throw new Error(`stalled after ${seen.done} runs of 80`);
+      }),
+    ]);
+    assert.equal(seen.done, 80);
+    assert.equal(seen.most, 1);
+  } finally {
+    stop.abort();
+    await stopped;
     await q.close();
   }
 });
