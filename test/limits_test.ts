@@ -335,6 +335,49 @@ const job = (n: string, id: string) =>
 
 Deno.test({
   name:
+    "limits: a waiting run that expires frees only what it held: revoked at its turn, its lease goes back, the next run passes",
+  ...sshdTest,
+  fn: () =>
+    withLimits(keyed(1, 2), async ({ queue, dir, worker, locks }) => {
+      const w = worker();
+      await ready(w);
+      await queue.post([job("x", "first")]);
+      await until(
+        "first started",
+        async () => (await readEvents(dir)).some((e) => e.id === "first"),
+      );
+      const expires = new Date(Date.now() + 500).toISOString();
+      await queue.post([
+        JSON.stringify({
+          task: "job",
+          kwargs: { n: "x", id: "late" },
+          expires,
+        }),
+      ]);
+      await w.line(/waiting for job kx \(1 running\)/);
+      await w.line(/revoked: expired at/, 15_000);
+      await queue.post([job("x", "next")]);
+      await until(
+        "next done",
+        async () =>
+          (await readEvents(dir)).some((e) =>
+            e.kind === "done" && e.id === "next"
+          ),
+      );
+      const events = await readEvents(dir);
+      assert.equal(starts(events, "late"), 0, "the expired one never ran");
+      assert.equal(mostAtOnce(events), 1);
+      const [[name, size]] = [...await locks()];
+      assert.equal(size, 1);
+      await until(
+        "its one token ready",
+        async () => (await queue.peek(name)).length === 1,
+      );
+    }),
+});
+
+Deno.test({
+  name:
     "limits: a worker SIGKILLed while holding a lease: the other takes over within the reservation timeout plus a poll, and the count is right",
   ...sshdTest,
   fn: () =>
