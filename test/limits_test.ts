@@ -410,6 +410,9 @@ Deno.test({
       const took = second.at - first.at;
       assert.ok(took >= 29_000, `not before the lease lapsed: ${took} ms`);
       assert.ok(took <= 30_000 + 1_000 + 3_000, `took ${took} ms`);
+      console.log(
+        `takeover ${took} ms after the lease was taken (30 s reservation, 1 s poll)`,
+      );
       assert.ok(second.at > killedAt);
       // "first" runs again on b (its message lapsed too), after "second".
       await until(
@@ -435,6 +438,7 @@ Deno.test({
     withLimits(keyed(2, 0.2), async ({ queue, dir, worker, locks }) => {
       const random = mulberry32(Number(Deno.env.get("LIMITS_SEED") ?? 19));
       const keys = Array.from({ length: 20 }, (_, i) => `s${i}`);
+      const seeded: number[] = [];
       for (const key of keys) {
         const victim = worker({ TASK_CONCURRENCY: "2" });
         await ready(victim);
@@ -443,6 +447,7 @@ Deno.test({
         await sleep(random() * 1_500);
         await victim.stop("SIGKILL");
         const sizes = [...(await locks()).values()];
+        seeded.push(sizes.filter((s) => s === 2).length);
         assert.ok(
           sizes.every((s) => s === 0 || s === 2),
           `right after a kill, a key has its 2 tokens or none yet: ${sizes}`,
@@ -469,6 +474,14 @@ Deno.test({
         assert.ok(mostAtOnce(own) <= 2, `${key}: ${JSON.stringify(own)}`);
       }
       const sizes = await locks();
+      const before = seeded.map((n, i) => n - (seeded[i - 1] ?? 0));
+      console.log(
+        `20 kills: ${
+          before.filter((n) => n === 0).length
+        } before the key's tokens were posted, ${
+          before.filter((n) => n === 1).length
+        } after; every key has 2 tokens, both ready, at the end`,
+      );
       assert.equal(sizes.size, 20);
       for (const [name, size] of sizes) {
         assert.equal(size, 2, name);
