@@ -368,10 +368,13 @@ class Gate {
           if (waiter === undefined || this.halt.aborted) await lease.release();
           else waiter.give(lease);
         }
-        if (passed < n) {
-          for (const waiter of this.line) waiter.park();
-          if (tokens.length < n) await this.repair();
+        // Tokens posted just now (a new key's first, or missing ones) are
+        // tried at once: no run waits for a repair.
+        if (tokens.length < n && await this.repair()) {
+          wait = 0;
+          continue;
         }
+        if (passed < n) { for (const waiter of this.line) waiter.park(); }
         // An empty answer sooner than the long-poll allows (wait 0, or a
         // server that ignores it) must not make this loop spin.
         if (
@@ -446,7 +449,7 @@ class Gate {
    * moment apart: two workers rarely repair at once, and if they do, the
    * surplus stops runs (check), never doubles one.
    */
-  private async repair(): Promise<void> {
+  private async repair(): Promise<boolean> {
     const { clock, log } = this.deps;
     const count = () =>
       this.api.queueSize(this.lock.queue).catch((e) => {
@@ -454,11 +457,11 @@ class Gate {
         throw e;
       });
     try {
-      if (await count() >= this.lock.limit) return;
+      if (await count() >= this.lock.limit) return false;
       const jitter = 200 + (this.deps.random ?? Math.random)() * 800;
       await clock.sleep(jitter, this.halt);
       const found = await count();
-      if (found >= this.lock.limit) return;
+      if (found >= this.lock.limit) return false;
       const now = clock.now();
       // Once, not retried: a post whose reply was lost may have landed.
       await this.api.post(
@@ -473,13 +476,16 @@ class Gate {
       } token(s) posted to ${this.lock.queue}`;
       if (found === 0) log.info(`${what} (found none)`);
       else log.warn(`${what} (found ${found} of ${this.lock.limit})`);
+      return true;
     } catch (e) {
-      if (this.halt.aborted) return;
-      log.warn(
-        `limit ${this.lock.label}: cannot repair its tokens (${
-          errorText(e)
-        }); trying again at the next poll`,
-      );
+      if (!this.halt.aborted) {
+        log.warn(
+          `limit ${this.lock.label}: cannot repair its tokens (${
+            errorText(e)
+          }); trying again at the next poll`,
+        );
+      }
+      return false;
     }
   }
 }
