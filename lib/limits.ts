@@ -299,6 +299,8 @@ class Gate {
     private readonly task: TaskConfig,
     private readonly deps: LimitsDeps,
     private readonly halt: AbortSignal,
+    /** Its line is empty: forgotten, so keys of one use each do not pile up. */
+    private readonly idle: () => void,
   ) {
     this.api = deps.locks(lock.queue);
   }
@@ -388,6 +390,7 @@ class Gate {
       for (const waiter of this.line) waiter.park();
     } finally {
       this.serving = false;
+      if (this.line.length === 0) this.idle();
     }
   }
 
@@ -631,8 +634,19 @@ export class Limits {
   private gate(lock: Lock): Gate {
     let gate = this.gates.get(lock.queue);
     if (gate === undefined) {
-      gate = new Gate(lock, this.task, this.deps, this.halt.signal);
-      this.gates.set(lock.queue, gate);
+      const made: Gate = new Gate(
+        lock,
+        this.task,
+        this.deps,
+        this.halt.signal,
+        () => {
+          if (this.gates.get(lock.queue) === made) {
+            this.gates.delete(lock.queue);
+          }
+        },
+      );
+      this.gates.set(lock.queue, made);
+      gate = made;
     }
     return gate;
   }
