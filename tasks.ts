@@ -65,6 +65,7 @@ import {
   StdoutLines,
   Tail,
 } from "./lib/log.ts";
+import { Limits } from "./lib/limits.ts";
 import { planMessage } from "./lib/message.ts";
 import { realClock, settledOrAborted } from "./lib/retry.ts";
 import {
@@ -212,6 +213,8 @@ async function main(): Promise<number> {
       revocations,
       live,
       runs: history,
+      locks: (queueName) =>
+        new IronMqClient({ ...config.queue, queueName }, monitor),
     },
     config.queue.queueName,
   );
@@ -322,6 +325,8 @@ export class Worker {
   /** Aborted by a stop signal: no host starts after it, not even in a fan-out. */
   private stopping?: AbortSignal;
   private readonly attempts: AttemptCounter;
+  /** The catalog's concurrency and max_parallel, across workers (lib/limits.ts). */
+  private readonly limits: Limits;
 
   constructor(
     private readonly task: TaskConfig,
@@ -346,6 +351,12 @@ export class Worker {
       this.settler,
       this.hardStop.signal,
     );
+    this.limits = new Limits(task, queueName, {
+      ...deps,
+      locks: deps.locks ?? (() => {
+        throw new Error("a catalog with limits needs WorkerDeps.locks");
+      }),
+    }, (held) => this.fetcher.resume(held));
   }
 
   /**
@@ -356,6 +367,17 @@ export class Worker {
   async run(stop: AbortSignal): Promise<void> {
     this.stopping = stop;
     await this.fetcher.ensureQueue(stop);
+    // Waiting for a limit at a stop: handed back as unstarted ones are.
+    const waiting = this.limits.run(stop).then((held) =>
+      held.forEach((h) =>
+        this.settler.notRun(
+          h,
+          0,
+          "shutting down before it started",
+          this.fetcher.pollsEnded,
+        )
+      )
+    );
     const fetching = this.fetcher.run(stop);
     const processor = async () => {
       for (;;) {
@@ -371,7 +393,7 @@ export class Worker {
             this.task.retryDelaySeconds,
             "unexpected error",
           );
-        });
+        }).finally(() => this.limits.leave(held));
       }
     };
     const processing = Promise.all(
@@ -380,6 +402,7 @@ export class Worker {
     await settledOrAborted(processing, stop);
     await this.gracePeriod(processing);
     await fetching; // its last long-poll, and what it held, released
+    await waiting;
     await this.settler.idle();
   }
 
@@ -474,6 +497,9 @@ export class Worker {
         return this.settler.notRun(held, Math.min(604_800, seconds), "its eta");
       }
     }
+    // Over a limit of its task or its hosts (lib/limits.ts), it waits there,
+    // without a processor, and comes back here once it holds its leases.
+    if (!await this.limits.enter(held, plan)) return;
     held.attempt += plan.meta.priorRetries;
     held.maxAttempts = plan.task?.maxAttempts ?? this.task.maxAttempts;
 
@@ -511,6 +537,7 @@ export class Worker {
         stream,
       );
       logEnd(log, run, id, limit, { ...about, host: host.name }, cancelled);
+      this.limits.hostDone(held, host);
       return run;
     });
     held.runs = runs;

@@ -449,12 +449,16 @@ async function startWorker(
   queueName: string,
   extra: Env = {},
   historyDb?: string,
+  catalog?: string,
 ): Promise<InProcessWorker> {
   const config = parseConfig(workerEnv(rig, queueName, extra), {
     home: rig.dir,
     user: rig.sshd.user,
     ironJsonFiles: [],
     exists: () => false,
+    catalogFile: catalog === undefined
+      ? undefined
+      : { path: "bench.yaml", text: catalog, named: true },
   });
   const { task, ssh } = config;
   const pool = new SshHosts(
@@ -493,6 +497,7 @@ async function startWorker(
       log: rig.log,
       clock: realClock,
       runs: history,
+      locks: (name) => rig.client(name),
     },
     queueName,
   );
@@ -550,16 +555,21 @@ async function measureDrain(
     historyDb?: string;
     /** A round of measures alike, on a queue of its own. */
     round?: number;
+    /** A queue of its own (one drained before may have a cut long-poll). */
+    queue?: string;
+    /** A catalog whose default task the no-ops run. */
+    catalog?: string;
   } = {},
 ): Promise<Drain> {
   const { concurrency, latencyMs, historyDb, round } = how;
   // A stopped worker's last long-poll may still reserve what the next posts
   // to its queue (until the reservation lapses): each drain has its own.
-  const queueName = round !== undefined
-    ? `drain_round_${round}`
-    : latencyMs === undefined
-    ? `drain_${concurrency ?? "default"}`
-    : `drain_plus_${latencyMs}_ms`;
+  const queueName = how.queue ??
+    (round !== undefined
+      ? `drain_round_${round}`
+      : latencyMs === undefined
+      ? `drain_${concurrency ?? "default"}`
+      : `drain_plus_${latencyMs}_ms`);
   await postMany(rig, queueName, noOps(count));
   const proxy = latencyMs === undefined
     ? undefined
@@ -567,12 +577,16 @@ async function measureDrain(
   const extra: Env = {};
   if (concurrency !== undefined) extra.TASK_CONCURRENCY = String(concurrency);
   if (proxy !== undefined) extra.IRON_PORT = String(proxy.port);
-  const worker = await startWorker(rig, queueName, extra, historyDb).catch(
-    async (e) => {
-      await proxy?.close();
-      throw e;
-    },
-  );
+  const worker = await startWorker(
+    rig,
+    queueName,
+    extra,
+    historyDb,
+    how.catalog,
+  ).catch(async (e) => {
+    await proxy?.close();
+    throw e;
+  });
   let result: Throughput;
   try {
     const startedAt = performance.now();
@@ -633,6 +647,50 @@ async function measureHistoryDrain(
     off: of(seconds.off),
     on: of(seconds.on),
     ratio: seconds.off / seconds.on,
+  };
+}
+
+// ---------------------------------------------------------------------------
+// 1b. Limits (issue 19): catalog tasks with and without a concurrency limit
+// ---------------------------------------------------------------------------
+
+/** The same no-ops: TASK_COMMAND, a task without limits, one of `concurrency: 1`. */
+export interface LimitsDrains {
+  plain: Drain;
+  free: Drain;
+  /** At TASK_CONCURRENCY=1: the serial floor the limited task is compared with. */
+  freeSerial: Drain;
+  limited: Drain;
+}
+
+const limitCatalog = (limit: string) => `
+default: job
+tasks:
+  job: {command: "true"${limit}}
+`;
+
+/**
+ * Side by side on the same load: a task without limits drains as TASK_COMMAND
+ * does; a task of `concurrency: 1` runs one at a time, and its cost per run
+ * over a serial drain is what its lease (reserve, count, release) adds.
+ */
+async function measureLimits(rig: Rig, count: number): Promise<LimitsDrains> {
+  const catalog = (queue: string, limit = "") => ({
+    queue,
+    catalog: limitCatalog(limit),
+  });
+  return {
+    plain: await measureDrain(rig, count, { queue: "limits_plain" }),
+    free: await measureDrain(rig, count, catalog("limits_free")),
+    freeSerial: await measureDrain(rig, count, {
+      concurrency: 1,
+      ...catalog("limits_free_serial"),
+    }),
+    limited: await measureDrain(
+      rig,
+      count,
+      catalog("limits_one", ", concurrency: 1"),
+    ),
   };
 }
 
@@ -1756,6 +1814,7 @@ export interface Results {
   drain?: Drain;
   drainSerial?: Drain;
   historyDrain?: HistoryDrain;
+  limits?: LimitsDrains;
   /** The far-away drains measured, nearest first. */
   wanDrains: WanDrain[];
   pickups?: number[];
@@ -1817,6 +1876,11 @@ export async function runBench(
       "drain at the default concurrency",
       sizes.drain,
       () => measureDrain(rig, sizes.drain),
+    );
+    results.limits = await step(
+      "drain: TASK_COMMAND, a task without limits, one of concurrency: 1",
+      sizes.drain,
+      () => measureLimits(rig, Math.ceil(sizes.drain / 4)),
     );
     // Right after the loopback drain they are compared with, on the same load.
     for (const { latencyMs, size, targetShare } of WAN_DRAINS) {
@@ -2008,6 +2072,24 @@ export function tableRows(r: Results): Row[] {
       `${n(r.drainSerial.perSecond)} msg/s (${
         n(r.drainSerial.msEach, 2)
       } ms each)`,
+    ));
+  }
+  if (r.limits) {
+    const { plain, free, freeSerial, limited } = r.limits;
+    const share = free.perSecond / plain.perSecond;
+    rows.push({
+      measure: `1b. drain ${n(free.count)} no-ops, a task without limits`,
+      figure: `${n(free.perSecond)} msg/s (${n(share, 2)}× TASK_COMMAND's ${
+        n(plain.perSecond)
+      })`,
+      target: "≈ 1× (within noise)",
+      verdict: check(share >= 0.8),
+    });
+    rows.push(info(
+      `1b. drain ${n(limited.count)} no-ops, a task of concurrency: 1`,
+      `${n(limited.perSecond)} msg/s (${n(limited.msEach, 2)} ms each; ${
+        n(limited.msEach - freeSerial.msEach, 2)
+      } ms a run over a serial drain's ${n(freeSerial.msEach, 2)})`,
     ));
   }
   for (const wan of r.wanDrains) {

@@ -120,6 +120,7 @@ Deno.test({
       "drain",
       "drainSerial",
       "historyDrain",
+      "limits",
       "pickups",
       "memory",
       "seed",

@@ -11,6 +11,7 @@ import { parse as parseYaml } from "yaml";
 import { errorText, isRecord } from "./util.ts";
 import {
   type HostDefaults,
+  hostKey,
   type HostSpec,
   parseHost,
   parseHostList,
@@ -52,6 +53,8 @@ export interface TaskSpec {
   description?: string;
   /** Where it runs (its hosts: groups and hosts); undefined: SSH_HOST. */
   hosts?: HostSpec[];
+  /** `concurrency:` and `concurrency_key:`: runs at once across workers (lib/limits.ts). */
+  limit?: { concurrency: number; key?: string };
 }
 
 export interface Catalog {
@@ -63,6 +66,8 @@ export interface Catalog {
   groups: Map<string, HostSpec[]>;
   /** Webhooks (hooks:, lib/hook_spec.ts): requests that post a task's message. */
   hooks: Map<string, HookSpec>;
+  /** A group's `max_parallel:`, by hostKey: commands at once on each of its hosts. */
+  maxParallel: Map<string, number>;
 }
 
 /** What a catalog's tasks get when they do not say. */
@@ -73,7 +78,7 @@ export interface CatalogDefaults {
   host: HostDefaults;
 }
 
-const PLACEHOLDER = /\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}/g;
+export const PLACEHOLDER = /\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}/g;
 
 const PARAM_TYPES: ParamType[] = ["string", "integer", "number", "boolean"];
 
@@ -110,10 +115,12 @@ export function parseCatalog(
       );
     }
   }
+  const maxParallel = new Map<string, number>();
   const groups = parseGroups(
     root.hosts,
     defaults.host,
     (where, what) => problems.push(at(`hosts${where}`, what)),
+    maxParallel,
   );
   const tasks = new Map<string, TaskSpec>();
   if (!isRecord(root.tasks) || Object.keys(root.tasks).length === 0) {
@@ -169,7 +176,10 @@ export function parseCatalog(
     (where, what) => problems.push(at(`hooks${where}`, what)),
   );
   if (problems.length > 0) throw new ConfigError(problems);
-  return { catalog: { path, tasks, defaultTask, groups, hooks }, warnings };
+  return {
+    catalog: { path, tasks, defaultTask, groups, hooks, maxParallel },
+    warnings,
+  };
 }
 
 type Complain = (where: string, what: string) => void;
@@ -179,6 +189,7 @@ function parseGroups(
   value: unknown,
   defaults: HostDefaults,
   complain: Complain,
+  maxParallel: Map<string, number>,
 ): Map<string, HostSpec[]> {
   const groups = new Map<string, HostSpec[]>();
   if (value === undefined || value === null) return groups;
@@ -196,12 +207,21 @@ function parseGroups(
     }
     let list: unknown = group;
     let jump = defaults.jump;
+    let parallel: number | undefined;
     if (isRecord(group)) {
       for (const key of Object.keys(group)) {
-        if (key !== "hosts" && key !== "jump") {
-          complain(`${where}.${key}`, `unknown field (known: hosts, jump)`);
+        if (!["hosts", "jump", "max_parallel"].includes(key)) {
+          complain(
+            `${where}.${key}`,
+            `unknown field (known: hosts, jump, max_parallel)`,
+          );
         }
       }
+      parallel = limitNumber(
+        group.max_parallel,
+        `${where}.max_parallel`,
+        complain,
+      );
       list = group.hosts;
       if (group.jump !== undefined) {
         if (typeof group.jump !== "string") {
@@ -226,6 +246,16 @@ function parseGroups(
     const parsed = parseHostList(list.join(","), { ...defaults, jump });
     parsed.problems.forEach((p) => complain(where, p));
     groups.set(name, parsed.hosts);
+    // A host in two groups takes the smaller of their limits.
+    if (parallel !== undefined) {
+      for (const host of parsed.hosts) {
+        const key = hostKey(host);
+        maxParallel.set(
+          key,
+          Math.min(parallel, maxParallel.get(key) ?? parallel),
+        );
+      }
+    }
   }
   return groups;
 }
@@ -294,6 +324,8 @@ function parseTask(
     "max_attempts",
     "description",
     "hosts",
+    "concurrency",
+    "concurrency_key",
   ];
   for (const key of Object.keys(value)) {
     if (!known.includes(key)) {
@@ -352,6 +384,7 @@ function parseTask(
     complain(".max_attempts", "must be a whole number from 1 to 1000");
   }
   const hosts = parseTaskHosts(value.hosts, defaults.host, groups, complain);
+  const limit = parseTaskLimit(value, params, complain);
   if (typeof command !== "string") return undefined;
   return {
     name,
@@ -367,7 +400,79 @@ function parseTask(
       ? value.description
       : undefined,
     hosts,
+    limit,
   };
+}
+
+/** `max_parallel:` or `concurrency:`: a whole number from 1, or undefined when absent. */
+function limitNumber(
+  value: unknown,
+  where: string,
+  complain: Complain,
+): number | undefined {
+  if (value === undefined) return undefined;
+  if (
+    Number.isInteger(value) && (value as number) >= 1 &&
+    (value as number) <= 1000
+  ) {
+    return value as number;
+  }
+  complain(where, "must be a whole number from 1 to 1000 (runs at once)");
+  return undefined;
+}
+
+/**
+ * A task's `concurrency:` and `concurrency_key:` (lib/limits.ts holds them):
+ * the key's placeholders are the task's parameters, not secret ones (a key
+ * names a queue), and `{{host}}`, each host of a fan-out.
+ */
+function parseTaskLimit(
+  value: Record<string, unknown>,
+  params: ParamSpec[],
+  complain: Complain,
+): TaskSpec["limit"] {
+  const concurrency = limitNumber(value.concurrency, ".concurrency", complain);
+  const key = value.concurrency_key;
+  if (key === undefined) {
+    return concurrency === undefined ? undefined : { concurrency };
+  }
+  if (typeof key !== "string" || key.trim() === "" || key.length > 200) {
+    complain(
+      ".concurrency_key",
+      `must be a template of up to 200 characters, such as "{{service}}" or "{{host}}"`,
+    );
+    return undefined;
+  }
+  if (value.concurrency === undefined) {
+    complain(".concurrency_key", "needs concurrency: N (runs at once per key)");
+  }
+  for (const [, used] of key.matchAll(PLACEHOLDER)) {
+    const param = params.find((p) => p.name === used);
+    if (used === "host" && param !== undefined) {
+      complain(
+        ".concurrency_key",
+        "{{host}} is the host of the fan-out, yet a parameter is also named host: rename it",
+      );
+    } else if (used === "host") continue;
+    else if (param === undefined) {
+      complain(
+        ".concurrency_key",
+        `{{${used}}} is neither a parameter of this task nor {{host}}`,
+      );
+    } else if (param.secret) {
+      complain(
+        ".concurrency_key",
+        `{{${used}}} is a secret parameter: a key names a lock queue, so it cannot hold one`,
+      );
+    }
+  }
+  if (/\{\{|\}\}/.test(key.replace(PLACEHOLDER, ""))) {
+    complain(
+      ".concurrency_key",
+      "has a {{ or }} that is not a {{name}} placeholder",
+    );
+  }
+  return concurrency === undefined ? undefined : { concurrency, key };
 }
 
 /**

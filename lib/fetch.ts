@@ -57,6 +57,8 @@ export class Fetcher {
   /** Every message this worker holds, by id, until it is settled. */
   private readonly holding = new Map<string, Held>();
   private readonly polled = Promise.withResolvers<void>();
+  /** Stopped, and what waited handed back: nothing joins the line any more. */
+  private handedBack = false;
   /**
    * Resolves once no reserve is in flight after a stop: a message released
    * sooner could go straight back to this worker's own last long-poll.
@@ -123,6 +125,7 @@ export class Fetcher {
     }
     await Promise.all(polls);
     this.polled.resolve();
+    this.handedBack = true;
     for (const held of this.ready.splice(0)) {
       this.settler.notRun(held, 0, "shutting down before it started");
     }
@@ -140,6 +143,20 @@ export class Fetcher {
     this.changed?.();
     if (held !== undefined) return Promise.resolve(held);
     return new Promise((resolve) => this.takers.push(resolve));
+  }
+
+  /**
+   * A message back from waiting for its limits (lib/limits.ts), its leases
+   * held: first in line. Once the line is handed back, it goes back too.
+   */
+  resume(held: Held): void {
+    if (this.handedBack) {
+      return this.settler.notRun(held, 0, "shutting down before it started");
+    }
+    const taker = this.takers.shift();
+    if (taker !== undefined) return taker(held);
+    this.ready.unshift(held);
+    this.readyChars += held.message.body.length;
   }
 
   /** A settled message: a new reservation of it is a new message again. */

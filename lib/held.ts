@@ -9,7 +9,11 @@
 
 import { type HostOutcome, Monitor, type Outcome } from "./monitor.ts";
 import { type HostSpec } from "./hosts.ts";
-import { type QueueApi, type QueueMessage } from "./ironmq.ts";
+import {
+  type IronMqClient,
+  type QueueApi,
+  type QueueMessage,
+} from "./ironmq.ts";
 import { type Log, type LogFields, Secrets, Tail } from "./log.ts";
 import { type MessageMeta, type MessagePlan } from "./message.ts";
 import { type Clock } from "./retry.ts";
@@ -34,6 +38,13 @@ export interface WorkerDeps {
   live?: LiveRuns;
   /** Told each run's start and outcomes, for its history (lib/runs.ts). */
   runs?: RunHistory;
+  /** A client for a lock queue of the catalog's limits (lib/limits.ts). */
+  locks?: (
+    queue: string,
+  ) => Pick<
+    IronMqClient,
+    "reserve" | "touch" | "release" | "delete" | "post" | "queueSize"
+  >;
 }
 
 /** The run history as the worker tells it (lib/runs.ts); it never throws or waits. */

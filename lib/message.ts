@@ -132,6 +132,8 @@ export type MessagePlan =
     hosts: HostSpec[];
     /** Values of secret parameters, masked wherever the message shows. */
     secrets: string[];
+    /** Its task's parameter values, checked (for a concurrency_key). */
+    values?: Record<string, string | number | boolean>;
     meta: MessageMeta;
   }
   | { kind: "reject"; reason: string; meta: MessageMeta }
@@ -212,6 +214,7 @@ export function planMessage(
       task,
       hosts: on,
       secrets: bound.secrets,
+      values: bound.values,
       meta,
     };
   };

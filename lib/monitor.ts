@@ -290,6 +290,25 @@ export class Monitor {
     this.reserved.set(count);
   }
 
+  // -- limits (lib/limits.ts) ----------------------------------------------
+
+  private readonly waiting = new Map<string, number>();
+  private waitingGauge?: Gauge<"task">;
+
+  /** Runs of `task` waiting for a limit (concurrency, max_parallel) now. */
+  runsWaiting(task: string, count: number): void {
+    this.waitingGauge ??= new Gauge({
+      name: "tasks_runs_waiting",
+      help: "Runs waiting for a limit (concurrency, max_parallel), by task.",
+      labelNames: ["task"],
+      registers: [this.registry],
+    });
+    this.waitingGauge.set({ task }, count);
+    if (count === 0) this.waiting.delete(task);
+    else this.waiting.set(task, count);
+    this.broadcast("waiting", Object.fromEntries(this.waiting));
+  }
+
   // -- SSH -----------------------------------------------------------------
 
   sshConnections(host: string, open: number): void {
@@ -493,6 +512,7 @@ export class Monitor {
       results: this.results,
       hosts: [...this.hosts.values()],
       hooks: Object.fromEntries(this.hookCounts),
+      waiting: Object.fromEntries(this.waiting),
     };
   }
 

@@ -30,11 +30,16 @@ import {
   eventually,
   fastClock,
   FAULTS,
+  fileText,
   jumpingClock,
   mulberry32,
   type QueueProxy,
+  readEvents,
+  recorder,
   REPO,
+  type RunEvent,
   sample,
+  script,
   sleep,
   spawnCollecting,
   startQueueProxy,
@@ -107,30 +112,6 @@ function workerEnv(
 // Remote commands that leave records
 // ---------------------------------------------------------------------------
 
-async function script(dir: string, name: string, body: string) {
-  const path = `${dir}/${name}`;
-  await Deno.writeTextFile(path, `#!/bin/sh\n${body}`);
-  await Deno.chmod(path, 0o755);
-  await Deno.chmod(dir, 0o777); // the remote user writes its records here
-  return path;
-}
-
-/**
- * `record.sh RUN SECONDS ID`: appends "start RUN ID ms", works SECONDS, then
- * appends "done RUN ID ms" (one short O_APPEND write each, so lines never mix).
- */
-function recorder(dir: string): Promise<string> {
-  return script(
-    dir,
-    "record.sh",
-    `log="${dir}/events"
-echo "start $1 $3 $(date +%s%3N)" >> "$log"
-sleep "$2"
-echo "done $1 $3 $(date +%s%3N)" >> "$log"
-`,
-  );
-}
-
 /** `act.sh WHAT`: fail (exit 3 with stderr), hang (records its pid), quick (0.5 s). */
 function actor(dir: string): Promise<string> {
   return script(
@@ -144,22 +125,6 @@ function actor(dir: string): Promise<string> {
 esac
 `,
   );
-}
-
-interface RunEvent {
-  kind: "start" | "done";
-  run: string;
-  id: string;
-  at: number;
-}
-
-async function readEvents(dir: string): Promise<RunEvent[]> {
-  const text = await fileText(`${dir}/events`);
-  return text.split("\n").filter((l) => l !== "").map((line) => {
-    const [kind, run, id, at] = line.split(" ");
-    assert.ok(kind === "start" || kind === "done", line);
-    return { kind, run, id, at: Number(at) };
-  });
 }
 
 /** Events per message id, of one kind. */
@@ -188,11 +153,6 @@ function lostAndDuplicated(events: RunEvent[], ids: string[]) {
 
 function argsBodies(ids: string[]): string[] {
   return ids.map((id) => JSON.stringify({ args: [id] }));
-}
-
-/** A file's text, or "" while it does not exist. */
-function fileText(path: string): Promise<string> {
-  return Deno.readTextFile(path).catch(() => "");
 }
 
 function pidAlive(pid: number): boolean {

@@ -577,3 +577,56 @@ export async function mountTmpfs(
     return `cannot run mount: ${errorText(error)}`;
   }
 }
+
+// ---------------------------------------------------------------------------
+// Remote commands that leave records
+// ---------------------------------------------------------------------------
+
+export async function script(dir: string, name: string, body: string) {
+  const path = `${dir}/${name}`;
+  await Deno.writeTextFile(path, `#!/bin/sh\n${body}`);
+  await Deno.chmod(path, 0o755);
+  await Deno.chmod(dir, 0o777); // the remote user writes its records here
+  return path;
+}
+
+/**
+ * `record.sh RUN SECONDS ID`: appends "start RUN ID ms HOST", works SECONDS,
+ * then appends "done RUN ID ms HOST" (one short O_APPEND write each, so lines
+ * never mix); HOST is the address the command reached ($SSH_CONNECTION).
+ */
+export function recorder(dir: string): Promise<string> {
+  return script(
+    dir,
+    "record.sh",
+    `log="${dir}/events"
+host=$(echo "$SSH_CONNECTION" | cut -d" " -f3)
+echo "start $1 $3 $(date +%s%3N) $host" >> "$log"
+sleep "$2"
+echo "done $1 $3 $(date +%s%3N) $host" >> "$log"
+`,
+  );
+}
+
+export interface RunEvent {
+  kind: "start" | "done";
+  run: string;
+  id: string;
+  at: number;
+  /** The address the command reached. */
+  host: string;
+}
+
+export async function readEvents(dir: string): Promise<RunEvent[]> {
+  const text = await fileText(`${dir}/events`);
+  return text.split("\n").filter((l) => l !== "").map((line) => {
+    const [kind, run, id, at, host] = line.split(" ");
+    if (kind !== "start" && kind !== "done") throw new Error(line);
+    return { kind, run, id, at: Number(at), host: host ?? "" };
+  });
+}
+
+/** A file's text, or "" while it does not exist. */
+export function fileText(path: string): Promise<string> {
+  return Deno.readTextFile(path).catch(() => "");
+}
