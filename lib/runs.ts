@@ -36,8 +36,8 @@ type RunStatus = typeof RUN_STATUSES[number];
 
 /** Writes waiting for the timer, in bytes of output and text: past it, new ones are dropped. */
 const MAX_PENDING_BYTES = 16 * 1024 * 1024;
-/** How often the waiting writes go to the database. */
-const FLUSH_MS = 200;
+/** How often the waiting writes go to the database (fewer, larger batches cost the loop less). */
+const FLUSH_MS = 1000;
 /** Age pruning: how often, and how many runs a step (a long prune never holds the loop). */
 const PRUNE_EVERY_MS = 10 * 60_000;
 const PRUNE_STEP = 500;
