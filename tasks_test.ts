@@ -561,6 +561,9 @@ Deno.test({
           Deno.kill(inner, "SIGINT");
           await worker.line(/^\[127\.0\.0\.1\] out: slept$/);
           await worker.line(/^stopped$/, 15_000);
+          // It exits by itself: stop() below would TERM it if it had not yet.
+          await until("the worker to exit", () =>
+            worker.exited(), 15_000);
         } finally {
           status = await worker.stop();
         }

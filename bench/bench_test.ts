@@ -136,7 +136,7 @@ Deno.test({
     const allRows = tableRows(results);
     // The many-hosts rows (6.) are checked below: a missing tool skips its row.
     const rows = allRows.filter((r) => !r.measure.startsWith("6."));
-    assert.equal(rows.filter((r) => r.verdict !== "").length, 11);
+    assert.equal(rows.filter((r) => r.verdict !== "").length, 13);
     // A followed run's posts: every line carried or said dropped; none unfollowed.
     const follow = results.follow!;
     assert.equal(follow.floodStreamed + follow.floodDropped, follow.floodLines);

@@ -32,15 +32,18 @@ interface Command {
  */
 const COMMANDS: Record<string, Command> = {
   list: {
-    usage: `  list [--task T] [--host H] [--status S] [--since 2h] [--limit N]
+    usage:
+      `  list [--task T] [--host H] [--status S] [--since 2h] [--limit N] [--q TEXT]
                     the runs, newest first (100 unless --limit): id, task,
-                    status, hosts, attempts, started, duration`,
+                    status, hosts, attempts, started, duration; --q: those
+                    whose output holds TEXT`,
     run: list,
   },
   show: {
     usage:
-      `  show ID           one run's whole record: parameters, status changes,
-                    and each attempt on each host with its output`,
+      `  show ID           one run's whole record (ID: the run's, or a message id
+                    such as send prints): parameters, status changes, and each
+                    attempt on each host with its output`,
     run: show,
   },
 };
@@ -118,6 +121,7 @@ async function list(args: string[], listener: Listener): Promise<number> {
     "status",
     "since",
     "limit",
+    "q",
   ]);
   if (rest.length > 0) throw new UsageError(`unexpected ${rest.join(" ")}`);
   const query = new URLSearchParams([...values]);

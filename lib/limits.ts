@@ -618,7 +618,7 @@ export class Limits {
       if (!await gate.enter(waiter)) {
         if (!this.halt.signal.aborted) {
           this.deps.log.info(
-            `message ${entry.held.message.id}: waiting for ${lock.label} (${lock.limit} running)`,
+            `message ${entry.held.message.id}: waiting for ${lock.label} (at most ${lock.limit} at once)`,
             fieldsOf(entry.held),
           );
         }

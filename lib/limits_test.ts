@@ -236,7 +236,10 @@ tasks:
     await burst([a, b], 12);
     assert.equal(seen.most, 2, "two at once, never three");
     assert.equal(await q.size(lock.queue), 2);
-    assert.match(a.log.lines.join("\n"), /waiting for job \(2 running\)/);
+    assert.match(
+      a.log.lines.join("\n"),
+      /waiting for job \(at most 2 at once\)/,
+    );
     // Someone clears the lock queue: the next runs find it short and repair.
     await q.client.clearQueue(lock.queue);
     await burst([a, b], 6);

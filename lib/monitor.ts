@@ -622,7 +622,7 @@ export class Monitor {
           return options.live.follow(id) ??
             text(
               404,
-              `run ${id} is not under way on this worker (runs show ${id} tells how it ended)`,
+              `run ${id} is not under way on this worker: it may be waiting (for its eta or a limit), running on another worker, or ended (runs show ${id} tells how)`,
             );
         }
         if (verb === "cancel" && method === "POST") {

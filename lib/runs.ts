@@ -169,6 +169,11 @@ export class RunStore implements RunHistory, RunReader {
   ) {
     this.statements = {
       get: db.prepare("SELECT * FROM runs WHERE id = ?"),
+      // The newest run a queue message belonged to (send prints its message id).
+      ofMessage: db.prepare(
+        `SELECT runs.* FROM runs, json_each(runs.message_ids)
+        WHERE json_each.value = ? ORDER BY runs.started_at DESC LIMIT 1`,
+      ),
       remove: db.prepare("DELETE FROM runs WHERE id = ?"),
       succeeded: db.prepare(
         "SELECT succeeded_at FROM runs WHERE id = ? AND succeeded_at IS NOT NULL",
@@ -561,11 +566,15 @@ export class RunStore implements RunHistory, RunReader {
     return { runs: rows.map((row) => runView(runRow(row))) };
   }
 
-  /** The whole record of one run: every attempt with each host's output. */
+  /**
+   * The whole record of one run: every attempt with each host's output. `id`
+   * is the run's id, or one of its queue message ids.
+   */
   get(id: string): RunRecordView | undefined {
-    const row = this.statements.get.get(id);
+    const row = this.statements.get.get(id) ??
+      this.statements.ofMessage.get(id);
     if (row === undefined) return undefined;
-    const hostRuns = this.statements.attemptsOf.all(id).map((a) => {
+    const hostRuns = this.statements.attemptsOf.all(String(row.id)).map((a) => {
       const started = Number(a.started_at);
       const finished = Number(a.finished_at);
       return {

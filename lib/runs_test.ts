@@ -106,7 +106,7 @@ const DEPLOY = (id: string, extra = {}) =>
     ...extra,
   });
 
-Deno.test("a run's record keeps every attempt on every host, masked, across its messages and a reopen", async () => {
+Deno.test("a run's record keeps every attempt on every host, masked, across its messages and a reopen, found by its id or a message id", async () => {
   await withStore((open, _lines, clock) => {
     let store = open();
     // Attempt 1 on a and b: a fails. Then its continuation (a new message) for a.
@@ -160,6 +160,9 @@ Deno.test("a run's record keeps every attempt on every host, masked, across its 
     planned(other, clock.now());
     assert.equal(store.succeededAt(other), undefined);
     assert.equal(store.get("nope"), undefined);
+    // A queue message id (what send prints) finds its run.
+    assert.equal(store.get("m2")?.id, "run-1");
+    assert.deepEqual(store.get("m1"), record);
   });
 });
 

@@ -191,7 +191,10 @@ tasks:
         assert.equal(await queue.size(`${QUEUE}_failed`), 0);
         // Both waited, and said so; the page's gauge was there while they did.
         const lines = [...a.lines, ...b.lines].join("\n");
-        assert.match(lines, /message \d+: waiting for deploy \(1 running\)/);
+        assert.match(
+          lines,
+          /message \d+: waiting for deploy \(at most 1 at once\)/,
+        );
         assert.deepEqual([...(await locks()).values()], [1]);
       },
     ),
@@ -354,7 +357,7 @@ Deno.test({
           expires,
         }),
       ]);
-      await w.line(/waiting for job kx \(1 running\)/);
+      await w.line(/waiting for job kx \(at most 1 at once\)/);
       await w.line(/revoked: expired at/, 15_000);
       await queue.post([job("x", "next")]);
       await until(
@@ -428,7 +431,7 @@ Deno.test({
       await holder.stop("SIGKILL");
       assert.deepEqual([...(await locks()).values()], [1], "held, still one");
       await queue.post([job("x", "second")]);
-      await other.line(/waiting for job kx \(1 running\)/);
+      await other.line(/waiting for job kx \(at most 1 at once\)/);
       await until(
         "second started on the other worker",
         async () => (await readEvents(dir)).some((e) => e.id === "second"),

@@ -141,11 +141,20 @@ Deno.test({
       let worker = startWorker(s, httpPort, env);
       try {
         await worker.line(/web: listening on/);
-        await s.queue.post([
-          act("run-ok", { code: "0", token: SECRET }),
-          act("run-fail", { code: "0", fail_on: "127.0.0.3" }),
-          JSON.stringify({ id: "run-bad", task: "no_such_task" }),
-        ]);
+        // One after another, each once its run is recorded: the newest-first
+        // order below is then theirs (posted at once, they would start at once).
+        const bodies: [string, string][] = [
+          ["run-ok", act("run-ok", { code: "0", token: SECRET })],
+          ["run-fail", act("run-fail", { code: "0", fail_on: "127.0.0.3" })],
+          ["run-bad", JSON.stringify({ id: "run-bad", task: "no_such_task" })],
+        ];
+        for (const [id, body] of bodies) {
+          await s.queue.post([body]);
+          await until(`run ${id} recorded`, async () => {
+            const { body } = await getJson(`${base}/runs`);
+            return body.runs.some((r) => r.id === id);
+          });
+        }
         await until("three runs settled", async () => {
           const { body } = await getJson(`${base}/runs`);
           return body.runs.length === 3 &&
