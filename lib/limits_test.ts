@@ -190,6 +190,10 @@ function worker(
     monitor,
   }, (h) => {
     limits.enter(h, run).then((ok) => ok ? work(h) : undefined);
+  }, (h, reason) => {
+    throw new Error(
+      `message ${h.message.id} dropped (${reason}): none is here`,
+    );
   });
   return {
     limits,
