@@ -675,49 +675,47 @@ export class Limits {
    * unaffected), the leases it holds back, nothing else freed; the worker
    * revokes its message. One granted meanwhile is the processors' to revoke.
    */
-  private withdraw(entry: Entry, reason: string): void {
+  private withdraw(
+    entry: Entry,
+    what: "not run" | "revoked",
+    reason: string,
+  ): void {
     if (this.entries.get(entry.held) !== entry || entry.granted) return;
-    this.entries.delete(entry.held);
+    const { held } = entry;
+    this.deps.log.warn(
+      `message ${held.message.id}: ${what}: ${reason} (it was waiting for ${
+        entry.locks[entry.leases.length].label
+      })`,
+      fieldsOf(held),
+    );
+    this.entries.delete(held);
     entry.place?.gate.remove(entry.place.waiter);
     entry.place = undefined;
     for (const lease of entry.leases.splice(0)) void lease.release();
     this.setWaiting(entry, false);
-    this.drop(entry.held, reason);
+    this.drop(held, reason);
   }
 
-  /** While `entry` waits: its cancel (every second, lib/revoke.ts) and its expiry. */
+  /** While `entry` waits: its cancel (peeked every second, lib/revoke.ts) and its expiry. */
   private watch(entry: Entry): void {
-    const { held } = entry;
+    const { held, expiresMs } = entry;
     const expiry = new AbortController();
     let unwatch: (() => void) | undefined;
     entry.unwatch = () => {
       unwatch?.();
       expiry.abort();
     };
-    const { expiresMs } = entry;
     if (expiresMs !== undefined) {
       const left = Math.max(0, expiresMs - this.deps.clock.now());
       void this.deps.clock.sleep(left, expiry.signal).then(() => {
         if (expiry.signal.aborted) return;
-        this.deps.log.warn(
-          `message ${held.message.id}: revoked: ${
-            expiredReason(expiresMs)
-          } (it was waiting for a limit)`,
-          fieldsOf(held),
-        );
-        this.withdraw(entry, expiredReason(expiresMs));
+        this.withdraw(entry, "revoked", expiredReason(expiresMs));
       });
     }
     unwatch = this.deps.revocations?.watch(
       [runIdOf(held), held.message.id],
-      (revocation) => {
-        const reason = revokedReason(revocation);
-        this.deps.log.warn(
-          `message ${held.message.id}: not run: ${reason} (it was waiting for a limit)`,
-          fieldsOf(held),
-        );
-        this.withdraw(entry, reason);
-      },
+      (revocation) =>
+        this.withdraw(entry, "not run", revokedReason(revocation)),
     );
     // Cancelled already (watch called back at once): its watch is over.
     if (expiry.signal.aborted) unwatch?.();

@@ -362,7 +362,9 @@ export function planMessage(
   if (plan.kind === "run" && times.eta !== undefined && times.eta > nowMs) {
     return { kind: "hold", untilMs: times.eta, meta };
   }
-  if (plan.kind === "run") plan.expiresMs = times.expires;
+  if (plan.kind === "run" && times.expires !== undefined) {
+    plan.expiresMs = times.expires;
+  }
   return plan;
 }
 
