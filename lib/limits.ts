@@ -700,11 +700,7 @@ export class Limits {
   private watch(entry: Entry): void {
     const { held, expiresMs } = entry;
     const expiry = new AbortController();
-    let unwatch: (() => void) | undefined;
-    entry.unwatch = () => {
-      unwatch?.();
-      expiry.abort();
-    };
+    entry.unwatch = () => expiry.abort();
     if (expiresMs !== undefined) {
       const left = Math.max(0, expiresMs - this.deps.clock.now());
       void this.deps.clock.sleep(left, expiry.signal).then(() => {
@@ -712,13 +708,17 @@ export class Limits {
         this.withdraw(entry, "revoked", expiredReason(expiresMs));
       });
     }
-    unwatch = this.deps.revocations?.watch(
+    const unwatch = this.deps.revocations?.watch(
       [runIdOf(held), held.message.id],
       (revocation) =>
         this.withdraw(entry, "not run", revokedReason(revocation)),
     );
-    // Cancelled already (watch called back at once): its watch is over.
-    if (expiry.signal.aborted) unwatch?.();
+    // Cancelled already, the watch called back at once and is over.
+    if (unwatch === undefined || expiry.signal.aborted) return;
+    entry.unwatch = () => {
+      unwatch();
+      expiry.abort();
+    };
   }
 
   private gate(lock: Lock): Gate {
