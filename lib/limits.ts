@@ -649,7 +649,7 @@ export class Limits {
       entry.place = { gate, waiter };
       const now = await gate.enter(waiter);
       if (this.entries.get(entry.held) !== entry) {
-        // Withdrawn while its enter was under way: the lease is not its own.
+        // Withdrawn while its enter was under way: a lease it got goes back.
         if (now) await waiter.lease!.release();
         return false;
       }
