@@ -351,12 +351,20 @@ export class Worker {
       this.settler,
       this.hardStop.signal,
     );
-    this.limits = new Limits(task, queueName, {
-      ...deps,
-      locks: deps.locks ?? (() => {
-        throw new Error("a catalog with limits needs WorkerDeps.locks");
-      }),
-    }, (held) => this.fetcher.resume(held));
+    this.limits = new Limits(
+      task,
+      queueName,
+      {
+        ...deps,
+        locks: deps.locks ?? (() => {
+          throw new Error("a catalog with limits needs WorkerDeps.locks");
+        }),
+      },
+      (held) => this.fetcher.resume(held),
+      (held, reason) =>
+        // Cancelled or expired while it waited for a limit: never run.
+        this.settler.revoke(held, reason),
+    );
   }
 
   /**

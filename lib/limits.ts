@@ -19,17 +19,27 @@
  *
  * It never runs a command and never settles a message: a run over its limit
  * waits here (its message kept by the Fetcher's Keeper), without a processor,
- * and goes back to the processors (`resume`) once it holds every lease.
+ * and goes back to the processors (`resume`) once it holds every lease; one
+ * cancelled (lib/revoke.ts) or expired while it waits leaves its line at once,
+ * freeing only the leases it holds, and goes to the worker (`drop`) to settle.
  */
 
 import { createHash } from "node:crypto";
 import { type Catalog, PLACEHOLDER } from "./catalog.ts";
 import { type TaskConfig } from "./config.ts";
-import { fieldsOf, type Held, taskLabel, type WorkerDeps } from "./held.ts";
+import {
+  fieldsOf,
+  type Held,
+  runIdOf,
+  taskLabel,
+  type WorkerDeps,
+} from "./held.ts";
 import { hostKey, type HostSpec } from "./hosts.ts";
 import { queueCall, QueueError } from "./ironmq.ts";
 import { type Log } from "./log.ts";
+import { expiredReason } from "./message.ts";
 import { type Clock } from "./retry.ts";
+import { type Revocations, revokedReason } from "./revoke.ts";
 import { errorText } from "./util.ts";
 
 /** One limit a run is under: its lock queue and its number of tokens. */
@@ -47,6 +57,8 @@ export interface RunShape {
   task?: { name: string; limit?: { concurrency: number; key?: string } };
   values?: Record<string, string | number | boolean>;
   hosts: HostSpec[];
+  /** Celery's `expires`: no longer waited for after it. */
+  expiresMs?: number;
 }
 
 /** The calls a lock queue needs (an IronMqClient for that queue). */
@@ -63,6 +75,8 @@ export interface LimitsDeps {
   log: Log;
   clock: Clock;
   monitor?: LimitEvents;
+  /** Cancels: a waiting run's is watched, so it leaves its line when one comes. */
+  revocations?: Pick<Revocations, "watch">;
   /** How often a lease is touched; default a third of its reservation timeout. */
   touchIntervalMs?: number;
   /** For the jitter of a repair; Math.random by default. */
@@ -320,6 +334,15 @@ class Gate {
     return waiter.now;
   }
 
+  /** Takes a waiter out of the line (its run withdrawn): it gets no lease from here. */
+  remove(waiter: Waiter): void {
+    const at = this.line.indexOf(waiter);
+    if (at >= 0) this.line.splice(at, 1);
+    waiter.park(); // an enter still waiting for its first answer says false
+    // A loop under way ends by itself at its next check.
+    if (this.line.length === 0 && !this.serving) this.idle();
+  }
+
   /** Resolves once its last reserve has returned (and what it brought, released). */
   async ended(): Promise<void> {
     await this.loop;
@@ -502,6 +525,11 @@ interface Entry {
   waiting: boolean;
   granted: boolean;
   started: boolean;
+  expiresMs?: number;
+  /** Its place while it waits for a lease, to leave it if withdrawn. */
+  place?: { gate: Gate; waiter: Waiter };
+  /** Ends the watch for its cancel and expiry, kept while it waits. */
+  unwatch?: () => void;
 }
 
 /**
@@ -521,6 +549,8 @@ export class Limits {
     private readonly deps: LimitsDeps,
     /** A run that now holds every lease it needs: back to the processors, first in line. */
     private readonly resume: (held: Held) => void,
+    /** A waiting run cancelled or expired, out of its line: to be revoked with `reason`. */
+    private readonly drop: (held: Held, reason: string) => void,
   ) {}
 
   /**
@@ -543,6 +573,7 @@ export class Limits {
       waiting: false,
       granted: false,
       started: false,
+      expiresMs: run.expiresMs,
     };
     this.entries.set(held, entry);
     if (!await this.advance(entry)) return false;
@@ -606,7 +637,7 @@ export class Limits {
       const gate = this.gate(lock);
       const waiter = new Waiter((lease) => {
         if (this.entries.get(entry.held) !== entry) {
-          return void lease.release(); // handed back meanwhile
+          return void lease.release(); // handed back or withdrawn meanwhile
         }
         entry.leases.push(lease);
         this.advance(entry).then((all) => {
@@ -615,7 +646,14 @@ export class Limits {
           this.resume(entry.held);
         }, (e) => this.deps.log.error(`limits: ${errorText(e)}`));
       });
-      if (!await gate.enter(waiter)) {
+      entry.place = { gate, waiter };
+      const now = await gate.enter(waiter);
+      if (this.entries.get(entry.held) !== entry) {
+        // Withdrawn while its enter was under way: a lease it got goes back.
+        if (now) await waiter.lease!.release();
+        return false;
+      }
+      if (!now) {
         if (!this.halt.signal.aborted) {
           this.deps.log.info(
             `message ${entry.held.message.id}: waiting for ${lock.label} (at most ${lock.limit} at once)`,
@@ -628,7 +666,59 @@ export class Limits {
       entry.leases.push(waiter.lease!);
     }
     entry.granted = true;
+    entry.place = undefined;
     return true;
+  }
+
+  /**
+   * A waiting run cancelled or expired: out of its line now (the next in it
+   * unaffected), the leases it holds back, nothing else freed; the worker
+   * revokes its message. One granted meanwhile is the processors' to revoke.
+   */
+  private withdraw(
+    entry: Entry,
+    what: "not run" | "revoked",
+    reason: string,
+  ): void {
+    if (this.entries.get(entry.held) !== entry || entry.granted) return;
+    const { held } = entry;
+    this.deps.log.warn(
+      `message ${held.message.id}: ${what}: ${reason} (it was waiting for ${
+        entry.locks[entry.leases.length].label
+      })`,
+      fieldsOf(held),
+    );
+    this.entries.delete(held);
+    entry.place?.gate.remove(entry.place.waiter);
+    entry.place = undefined;
+    for (const lease of entry.leases.splice(0)) void lease.release();
+    this.setWaiting(entry, false);
+    this.drop(held, reason);
+  }
+
+  /** While `entry` waits: its cancel (peeked every second, lib/revoke.ts) and its expiry. */
+  private watch(entry: Entry): void {
+    const { held, expiresMs } = entry;
+    const expiry = new AbortController();
+    entry.unwatch = () => expiry.abort();
+    if (expiresMs !== undefined) {
+      const left = Math.max(0, expiresMs - this.deps.clock.now());
+      void this.deps.clock.sleep(left, expiry.signal).then(() => {
+        if (expiry.signal.aborted) return;
+        this.withdraw(entry, "revoked", expiredReason(expiresMs));
+      });
+    }
+    const unwatch = this.deps.revocations?.watch(
+      [runIdOf(held), held.message.id],
+      (revocation) =>
+        this.withdraw(entry, "not run", revokedReason(revocation)),
+    );
+    // Cancelled already, the watch called back at once and is over.
+    if (unwatch === undefined || expiry.signal.aborted) return;
+    entry.unwatch = () => {
+      unwatch();
+      expiry.abort();
+    };
   }
 
   private gate(lock: Lock): Gate {
@@ -658,5 +748,8 @@ export class Limits {
     const count = (this.waiting.get(task) ?? 0) + (waiting ? 1 : -1);
     this.waiting.set(task, count);
     this.deps.monitor?.runsWaiting(task, count);
+    // Last: a cancel already seen withdraws it from within the watch.
+    if (waiting) this.watch(entry);
+    else entry.unwatch?.();
   }
 }

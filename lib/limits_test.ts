@@ -6,6 +6,7 @@ import { type Held } from "./held.ts";
 import { IronMqClient } from "./ironmq.ts";
 import { type LimitEvents, Limits, locksFor, type RunShape } from "./limits.ts";
 import { realClock } from "./retry.ts";
+import { postRevocation, Revocations } from "./revoke.ts";
 import { configError, HOST_DEFAULTS, hostNamed } from "../test/fixtures.ts";
 import { memoryLog, sleep, startTestQueue, until } from "../test/support.ts";
 
@@ -190,6 +191,10 @@ function worker(
     monitor,
   }, (h) => {
     limits.enter(h, run).then((ok) => ok ? work(h) : undefined);
+  }, (h, reason) => {
+    throw new Error(
+      `message ${h.message.id} dropped (${reason}): none is here`,
+    );
   });
   return {
     limits,
@@ -312,6 +317,89 @@ tasks:
   } finally {
     stop.abort();
     await stopped;
+    await q.close();
+  }
+});
+
+Deno.test("limits: a run cancelled while it waits for its second lock leaves its line at once: the lease it held goes back, the run behind it keeps its place, nothing else is freed", async () => {
+  const q = await startTestQueue({}, "p", "jobs");
+  const task = taskConfig(`
+hosts:
+  small: {hosts: [web1], max_parallel: 2}
+tasks:
+  job: {command: "true", concurrency: 1}
+`);
+  const log = memoryLog();
+  const revocations = new Revocations(q.client, "jobs", realClock, log);
+  const told: [string, number][] = [];
+  const resumed: Held[] = [];
+  const dropped: [Held, string][] = [];
+  const limits = new Limits(
+    task,
+    "jobs",
+    {
+      locks: (queueName) =>
+        new IronMqClient({ baseUrl: q.server.url, projectId: "p", queueName }),
+      log,
+      clock: realClock,
+      random: () => 0,
+      revocations,
+      monitor: { runsWaiting: (task, count) => told.push([task, count]) },
+    },
+    (h) => resumed.push(h),
+    (h, reason) => dropped.push([h, reason]),
+  );
+  const stop = new AbortController();
+  const running = [limits.run(stop.signal), revocations.run(stop.signal)];
+  const job = task.catalog!.tasks.get("job")!;
+  const on = (host: string): RunShape => ({
+    task: job,
+    hosts: [hostNamed(host)],
+  });
+  // In their order: web1's max_parallel, then the task's concurrency.
+  const [hostLock, jobLock] = locksFor(on("web1"), task.catalog, "jobs");
+  assert.deepEqual([hostLock.label, jobLock.label], ["host web1", "job"]);
+  const [a, b, c] = [held(), held(), held()];
+  try {
+    assert.equal(await limits.enter(a, on("web2")), true, "a: job's token");
+    // b and c each take a token of web1's two, and wait for job's.
+    assert.equal(await limits.enter(b, on("web1")), false);
+    assert.equal(await limits.enter(c, on("web1")), false);
+    assert.deepEqual(told.at(-1), ["job", 2]);
+    await postRevocation(q.client, "jobs", b.message.id, "ann", Date.now(), 60);
+    await until("b dropped", () => dropped.length === 1);
+    assert.equal(dropped[0][0], b);
+    assert.match(dropped[0][1], /^cancelled by ann at \d{4}-/);
+    assert.deepEqual(told.at(-1), ["job", 1]);
+    assert.match(
+      log.lines.join("\n"),
+      /message \d+: not run: cancelled by ann at .* \(it was waiting for job\)/,
+    );
+    // b's web1 token is back, c keeps its own, a keeps job's.
+    await until(
+      "b's web1 token ready",
+      async () => (await q.peek(hostLock.queue)).length === 1,
+    );
+    assert.equal(await q.size(hostLock.queue), 2);
+    assert.equal(await q.size(jobLock.queue), 1);
+    assert.equal((await q.peek(jobLock.queue)).length, 0, "a still holds it");
+    assert.deepEqual(resumed, []);
+    limits.leave(a);
+    await until("c resumed", () => resumed.length === 1);
+    assert.equal(resumed[0], c);
+    assert.equal(await limits.enter(c, on("web1")), true);
+    assert.deepEqual(told.at(-1), ["job", 0]);
+    limits.leave(c);
+    await until(
+      "every token ready",
+      async () =>
+        (await q.peek(hostLock.queue)).length === 2 &&
+        (await q.peek(jobLock.queue)).length === 1,
+    );
+    assert.equal(dropped.length, 1);
+  } finally {
+    stop.abort();
+    await Promise.all(running);
     await q.close();
   }
 });

@@ -134,6 +134,8 @@ export type MessagePlan =
     secrets: string[];
     /** Its task's parameter values, checked (for a concurrency_key). */
     values?: Record<string, string | number | boolean>;
+    /** Celery's `expires`: a run still waiting for a limit then is revoked. */
+    expiresMs?: number;
     meta: MessageMeta;
   }
   | { kind: "reject"; reason: string; meta: MessageMeta }
@@ -354,17 +356,19 @@ export function planMessage(
     );
   }
   if (times.expires !== undefined && times.expires <= nowMs) {
-    return {
-      kind: "revoke",
-      reason: `expired at ${
-        new Date(times.expires).toISOString()
-      } before it ran`,
-      meta,
-    };
+    return { kind: "revoke", reason: expiredReason(times.expires), meta };
   }
   const plan = run(task, args, kwargs);
   if (plan.kind === "run" && times.eta !== undefined && times.eta > nowMs) {
     return { kind: "hold", untilMs: times.eta, meta };
   }
+  if (plan.kind === "run" && times.expires !== undefined) {
+    plan.expiresMs = times.expires;
+  }
   return plan;
+}
+
+/** The REVOKED result's reason for a message past its `expires`. */
+export function expiredReason(expiresMs: number): string {
+  return `expired at ${new Date(expiresMs).toISOString()} before it ran`;
 }

@@ -20,6 +20,7 @@ import {
   REPO,
   type RunEvent,
   sample,
+  script,
   sleep,
   spawnCollecting,
   startTestQueue,
@@ -336,40 +337,206 @@ tasks:
 const job = (n: string, id: string) =>
   JSON.stringify({ task: "job", kwargs: { n, id } });
 
+/**
+ * A catalog of one task, concurrency 1, whose run records its start, waits
+ * for the file `go` in the records' folder (at most a minute), and records
+ * its end (record.sh's lines, without a host).
+ */
+const gated = (record: string) => `
+tasks:
+  job:
+    command: ${record.replace(/record\.sh$/, "gated.sh")} {{id}}
+    params: {id: {pattern: '[a-z0-9]+'}}
+    concurrency: 1
+`;
+
+/** gated.sh, for the catalog `gated`; the returned function lets its runs end. */
+async function gatedScript(dir: string): Promise<() => Promise<void>> {
+  await script(
+    dir,
+    "gated.sh",
+    `log="${dir}/events"
+echo "start job $1 $(date +%s%3N)" >> "$log"
+i=0
+while [ ! -e "${dir}/go" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+echo "done job $1 $(date +%s%3N)" >> "$log"
+`,
+  );
+  return () => Deno.writeTextFile(`${dir}/go`, "");
+}
+
+const gatedJob = (id: string, extra: Record<string, unknown> = {}) =>
+  JSON.stringify({ id, task: "job", kwargs: { id }, ...extra });
+
+/** The reply queue's results, read without taking them. */
+async function replies(
+  queue: TestQueue,
+): Promise<{ task_id: string; status: string; reason: string | null }[]> {
+  return (await queue.peek("replies")).map((m) => JSON.parse(m.body));
+}
+
 Deno.test({
   name:
-    "limits: a waiting run that expires frees only what it held: revoked at its turn, its lease goes back, the next run passes",
+    "limits: a waiting run that expires leaves its line at its expiry while the run holding the lease goes on: revoked, never run, nothing freed, the next run passes after",
   ...sshdTest,
   fn: () =>
-    withLimits(keyed(1, 2), async ({ queue, dir, worker, locks }) => {
+    withLimits(gated, async ({ queue, dir, worker, locks }) => {
+      const go = await gatedScript(dir);
       const w = worker();
       await ready(w);
-      await queue.post([job("x", "first")]);
+      await queue.post([gatedJob("first")]);
       await until(
         "first started",
         async () => (await readEvents(dir)).some((e) => e.id === "first"),
       );
-      const expires = new Date(Date.now() + 500).toISOString();
-      await queue.post([
-        JSON.stringify({
-          task: "job",
-          kwargs: { n: "x", id: "late" },
-          expires,
-        }),
-      ]);
-      await w.line(/waiting for job kx \(at most 1 at once\)/);
-      await w.line(/revoked: expired at/, 15_000);
-      await queue.post([job("x", "next")]);
+      const expires = new Date(Date.now() + 2_000).toISOString();
+      await queue.post([gatedJob("late", { expires, reply_to: "replies" })]);
+      await w.line(/waiting for job \(at most 1 at once\)/);
+      await until(
+        () => `late revoked:\n${w.lines.join("\n")}`,
+        async () => (await replies(queue)).some((r) => r.task_id === "late"),
+      );
+      const [late] = await replies(queue);
+      assert.equal(late.status, "REVOKED");
+      assert.equal(late.reason, `expired at ${expires} before it ran`);
+      assert.match(w.lines.join("\n"), /revoked: expired at .* waiting/);
+      let events = await readEvents(dir);
+      assert.ok(
+        !events.some((e) => e.kind === "done"),
+        `revoked while first still ran: ${JSON.stringify(events)}`,
+      );
+      await queue.post([gatedJob("next")]);
+      await until(
+        () => `next waiting:\n${w.lines.join("\n")}`,
+        () => w.lines.filter((l) => /waiting for job \(1/.test(l)).length === 2,
+      );
+      await go();
       await until(
         "next done",
         async () =>
           (await readEvents(dir)).some((e) =>
             e.kind === "done" && e.id === "next"
-          ),
+          ) && await queue.size() === 0,
       );
-      const events = await readEvents(dir);
+      events = await readEvents(dir);
       assert.equal(starts(events, "late"), 0, "the expired one never ran");
       assert.equal(mostAtOnce(events), 1);
+      const [[name, size]] = [...await locks()];
+      assert.equal(size, 1);
+      await until(
+        "its one token ready",
+        async () => (await queue.peek(name)).length === 1,
+      );
+    }),
+});
+
+Deno.test({
+  name:
+    "limits: runs cancel of a waiting run takes it out of its line at once: REVOKED with who, never run, while the run holding the lease goes on; the run behind it passes next and the lock keeps its one token",
+  ...sshdTest,
+  fn: () =>
+    withLimits(gated, async ({ queue, dir, env, worker, locks }) => {
+      const go = await gatedScript(dir);
+      const port = freePort();
+      const url = `http://127.0.0.1:${port}`;
+      const w = worker({ TASK_HTTP_PORT: String(port) });
+      await ready(w);
+      const waitingNow = async () => {
+        const metrics = await (await fetch(`${url}/metrics`)).text();
+        const page = (await snapshot(url)) as {
+          waiting?: Record<string, number>;
+        };
+        return {
+          gauge: sample(metrics, 'tasks_runs_waiting{task="job"}'),
+          page: page.waiting?.job,
+        };
+      };
+      await queue.post([gatedJob("first")]);
+      await until(
+        "first started",
+        async () => (await readEvents(dir)).some((e) => e.id === "first"),
+      );
+      await queue.post([gatedJob("second", { reply_to: "replies" })]);
+      await w.line(/waiting for job \(at most 1 at once\)/);
+      await queue.post([gatedJob("third")]);
+      await until(
+        () => `two waiting:\n${w.lines.join("\n")}`,
+        async () => {
+          const { gauge, page } = await waitingNow();
+          return gauge === 2 && page === 2;
+        },
+      );
+
+      const cancel = spawnCollecting(
+        "deno",
+        ["task", "-q", "runs", "cancel", "second"],
+        env(),
+      );
+      await cancel.child.status;
+      assert.equal((await cancel.stop()).code, 0, cancel.lines.join("\n"));
+      const cancelledAt = Date.now();
+      await until(
+        () => `second revoked:\n${w.lines.join("\n")}`,
+        async () => (await replies(queue)).some((r) => r.task_id === "second"),
+      );
+      const tookMs = Date.now() - cancelledAt;
+      const [second] = await replies(queue);
+      assert.equal(second.status, "REVOKED");
+      assert.match(second.reason ?? "", /^cancelled by \S+@\S+ at \d{4}-/);
+      assert.match(
+        w.lines.join("\n"),
+        /message \d+: not run: cancelled by \S+ at .* \(it was waiting/,
+      );
+      let events = await readEvents(dir);
+      assert.deepEqual(
+        events.map((e) => `${e.kind} ${e.id}`),
+        ["start first"],
+        "first still runs; second never started, third not yet",
+      );
+      // The history says so (written within a second; runs show reads it
+      // from the listener), and the wait is over on /metrics and the page:
+      // only third waits.
+      await until("second's record REVOKED", async () => {
+        const response = await fetch(`${url}/runs/second`);
+        if (!response.ok) {
+          await response.body?.cancel();
+          return false;
+        }
+        return (await response.json()).status === "REVOKED";
+      });
+      const show = spawnCollecting(
+        "deno",
+        ["task", "-q", "runs", "show", "second"],
+        env({ TASK_HTTP_PORT: String(port) }),
+      );
+      await show.child.status;
+      assert.equal((await show.stop()).code, 0, show.lines.join("\n"));
+      assert.ok(show.lines.includes("status: REVOKED"), show.lines.join("\n"));
+      assert.ok(
+        show.lines.some((l) => /^reason: cancelled by \S+@\S+ at /.test(l)),
+        show.lines.join("\n"),
+      );
+      assert.deepEqual(await waitingNow(), { gauge: 1, page: 1 });
+      console.log(
+        `a waiting run revoked ${tookMs} ms after runs cancel returned`,
+      );
+
+      await go();
+      await until(
+        "third done",
+        async () =>
+          (await readEvents(dir)).some((e) =>
+            e.kind === "done" && e.id === "third"
+          ) && await queue.size() === 0,
+      );
+      events = await readEvents(dir);
+      assert.deepEqual(
+        events.map((e) => `${e.kind} ${e.id}`),
+        ["start first", "done first", "start third", "done third"],
+      );
+      assert.equal((await replies(queue)).length, 1, "second's result only");
+      assert.equal(await queue.size(`${QUEUE}_failed`), 0);
+      assert.deepEqual(await waitingNow(), { gauge: 0, page: undefined });
       const [[name, size]] = [...await locks()];
       assert.equal(size, 1);
       await until(
