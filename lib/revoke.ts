@@ -3,9 +3,9 @@
  * `<queue>_revoked` naming a run (its Celery id, or a queue message id), who
  * cancelled it and until when it holds (TASK_REVOKE_TTL). Every worker peeks
  * that queue (never reserving it, so every worker sees every revocation) at
- * each long-poll round, and every second while it runs a command; the loop
- * asks it whether a message it reserved is revoked, and is told when a run
- * it has under way is.
+ * each long-poll round, and every second while it runs a command or a run
+ * waits for a limit; the loop asks it whether a message it reserved is
+ * revoked, and is told when a run it has under way (or waiting) is.
  *
  * It never stops a command itself (it tells the one who runs it) and never
  * takes a revocation away from the others: it deletes only expired ones.
@@ -188,7 +188,7 @@ export class Revocations {
     this.peeking = this.peek().finally(() => this.peeking = undefined);
   }
 
-  /** While commands are watched, a peek every second; until `stop`. */
+  /** While runs are watched (running, or waiting for a limit), a peek every second; until `stop`. */
   async run(stop: AbortSignal): Promise<void> {
     const onStop = () => this.wake?.();
     stop.addEventListener("abort", onStop, { once: true });

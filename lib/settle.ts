@@ -105,7 +105,10 @@ export class Settler {
     this.track(held, this.finish(held, "SUCCESS"));
   }
 
-  /** Expired before it ran (Celery's `expires`): deleted, never run. */
+  /**
+   * Revoked: expired before it ran (Celery's `expires`), or cancelled (runs
+   * cancel, the page's Stop) before or while it ran: deleted, never retried.
+   */
   revoke(held: Held, reason: string): void {
     this.count(held, "revoked", reason);
     this.track(held, this.finish(held, "REVOKED", reason));
