@@ -408,7 +408,9 @@ Deno.test({
       await queue.post([gatedJob("next")]);
       await until(
         () => `next waiting:\n${w.lines.join("\n")}`,
-        () => w.lines.filter((l) => /waiting for job \(1/.test(l)).length === 2,
+        () =>
+          w.lines.filter((l) => /waiting for job \(at most 1/.test(l))
+            .length === 2,
       );
       await go();
       await until(
