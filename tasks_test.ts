@@ -37,9 +37,9 @@ import assert from "node:assert/strict";
 import {
   catalog,
   exit,
-  hostNamed,
   poolFor,
   recorded,
+  taskConfig,
 } from "./test/fixtures.ts";
 
 /** Tests that need OpenSSH (sshd, ssh-keygen): skipped with a reason, or failing under CI. */
@@ -101,24 +101,6 @@ async function untilDeadLettered(h: Harness): Promise<void> {
     async () => (await h.peek("jobs_failed")).length === 1,
   );
   await until("source empty", async () => (await h.info()).size === 0);
-}
-
-function taskConfig(overrides: Partial<TaskConfig> = {}): TaskConfig {
-  return {
-    command: "run-it",
-    hosts: [hostNamed("203.0.113.9")],
-    concurrency: 4,
-    hostParallelism: 32,
-    timeoutMs: 0,
-    maxAttempts: 3,
-    retryDelaySeconds: 0,
-    deadLetterQueue: "jobs_failed",
-    reservationTimeoutSeconds: 30,
-    pollWaitSeconds: 1,
-    shutdownGraceMs: 2_000,
-    revokeTtlSeconds: 86_400,
-    ...overrides,
-  };
 }
 
 /** Starts a worker; `stop()` signals it and waits for a clean end. */

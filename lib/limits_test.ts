@@ -7,7 +7,12 @@ import { IronMqClient } from "./ironmq.ts";
 import { type LimitEvents, Limits, locksFor, type RunShape } from "./limits.ts";
 import { realClock } from "./retry.ts";
 import { postRevocation, Revocations } from "./revoke.ts";
-import { configError, HOST_DEFAULTS, hostNamed } from "../test/fixtures.ts";
+import {
+  configError,
+  HOST_DEFAULTS,
+  hostNamed,
+  taskConfig,
+} from "../test/fixtures.ts";
 import { memoryLog, sleep, startTestQueue, until } from "../test/support.ts";
 
 const LIMITED = `
@@ -130,22 +135,16 @@ Deno.test("limits: a run's locks are named validly whatever its values, per host
   );
 });
 
-function taskConfig(catalogText: string): TaskConfig {
-  return {
+function limitsTask(catalogText: string): TaskConfig {
+  return taskConfig({
     command: "true",
     hosts: [hostNamed("web1")],
     concurrency: 8,
     hostParallelism: 4,
-    timeoutMs: 0,
     maxAttempts: 5,
-    retryDelaySeconds: 0,
-    deadLetterQueue: "jobs_failed",
-    reservationTimeoutSeconds: 30,
-    pollWaitSeconds: 1,
     shutdownGraceMs: 1000,
-    revokeTtlSeconds: 86_400,
     catalog: parse(catalogText),
-  };
+  });
 }
 
 let lastId = 0;
@@ -214,7 +213,7 @@ function worker(
 
 Deno.test("limits: two workers' runs never pass N at once; a count cleared by hand is repaired, a surplus deleted", async () => {
   const q = await startTestQueue({}, "p", "jobs");
-  const task = taskConfig(`
+  const task = limitsTask(`
 tasks:
   job: {command: "true", concurrency: 2}
 `);
@@ -293,7 +292,7 @@ tasks:
 
 Deno.test("limits: runs of one key, each entering as another ends, all run, one at a time, without a stall", async () => {
   const q = await startTestQueue({}, "p", "jobs");
-  const task = taskConfig(`
+  const task = limitsTask(`
 tasks:
   job: {command: "true", concurrency: 1}
 `);
@@ -323,7 +322,7 @@ tasks:
 
 Deno.test("limits: a run cancelled while it waits for its second lock leaves its line at once: the lease it held goes back, the run behind it keeps its place, nothing else is freed", async () => {
   const q = await startTestQueue({}, "p", "jobs");
-  const task = taskConfig(`
+  const task = limitsTask(`
 hosts:
   small: {hosts: [web1], max_parallel: 2}
 tasks:

@@ -8,6 +8,7 @@ import {
   type ConfigContext,
   loadSshCredentials,
   parseConfig,
+  type TaskConfig,
 } from "../lib/config.ts";
 import { type HostSpec, parseHost } from "../lib/hosts.ts";
 import { type Log } from "../lib/log.ts";
@@ -174,6 +175,25 @@ export function hostNamed(name: string): HostSpec {
   const host = parseHost(name, HOST_DEFAULTS);
   if (typeof host === "string") throw new Error(host);
   return host;
+}
+
+/** A worker's task settings for in-process tests: one host, no waits; `overrides` win. */
+export function taskConfig(overrides: Partial<TaskConfig> = {}): TaskConfig {
+  return {
+    command: "run-it",
+    hosts: [hostNamed("203.0.113.9")],
+    concurrency: 4,
+    hostParallelism: 32,
+    timeoutMs: 0,
+    maxAttempts: 3,
+    retryDelaySeconds: 0,
+    deadLetterQueue: "jobs_failed",
+    reservationTimeoutSeconds: 30,
+    pollWaitSeconds: 1,
+    shutdownGraceMs: 2_000,
+    revokeTtlSeconds: 86_400,
+    ...overrides,
+  };
 }
 
 export async function recorded(dir: string): Promise<string[][]> {

@@ -4,6 +4,7 @@
  * loopback, while queue replies fail, SSH goes away, commands hang, the worker
  * is killed, and its logs are searched for secrets.
  */
+import { hostNamed, taskConfig } from "./fixtures.ts";
 import assert from "node:assert/strict";
 import { IronMqClient } from "../lib/ironmq.ts";
 import { realClock } from "../lib/retry.ts";
@@ -370,26 +371,14 @@ Deno.test("reliability: a failing command that outlived its reservation (kept by
     error: (t: string) => lines.push(`ERROR ${t}`),
   };
   const worker = new Worker(
-    {
+    taskConfig({
       command: "long",
-      hosts: [{
-        name: "127.0.0.1",
-        host: "127.0.0.1",
-        port: 22,
-        user: "op",
-        jump: [],
-      }],
+      hosts: [hostNamed("127.0.0.1")],
       concurrency: 1,
       hostParallelism: 1,
-      timeoutMs: 0,
-      maxAttempts: 3,
-      retryDelaySeconds: 0,
       deadLetterQueue: `${QUEUE}_failed`,
-      reservationTimeoutSeconds: 30,
-      pollWaitSeconds: 1,
       shutdownGraceMs: 1_000,
-      revokeTtlSeconds: 86_400,
-    },
+    }),
     { queue, runner, log, clock: realClock, touchIntervalMs: 400 },
     QUEUE,
   );
