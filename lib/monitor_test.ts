@@ -16,6 +16,7 @@ import {
   freePort,
   needs,
   PROMTOOL,
+  type Sshd,
   sshdMissing,
   sshEnv,
   toolMissing,
@@ -290,6 +291,29 @@ function feedADay(monitor: Monitor, now: number): void {
 // ---------------------------------------------------------------------------
 // The page
 // ---------------------------------------------------------------------------
+
+/**
+ * A real worker through ./start, run from `dir` (its HOME and where its
+ * files go), on `sshd`, its embedded queue in memory on `mqPort`.
+ */
+function startInDir(
+  dir: string,
+  sshd: Sshd,
+  mqPort: number,
+  env: Record<string, string>,
+) {
+  return spawnCollecting(`${REPO}start`, [], {
+    PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+    HOME: dir,
+    INIT_CWD: dir,
+    DENO_DIR: Deno.env.get("DENO_DIR") ?? `${Deno.env.get("HOME")}/.cache/deno`,
+    NO_COLOR: "1",
+    ...sshEnv(sshd),
+    MQ_PORT: String(mqPort),
+    MQ_DB: ":memory:",
+    ...env,
+  }, dir);
+}
 
 Deno.test({
   name:
@@ -1111,20 +1135,11 @@ Deno.test({
       // with no fixed sleep, and the test sees each while the command still runs.
       const command =
         `for i in 1 2 3 4; do echo "step $i"; while [ ! -e ${dir}/go$i ]; do sleep 0.05; done; done; echo done`;
-      const worker = spawnCollecting(`${REPO}start`, [], {
-        PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-        HOME: dir,
-        INIT_CWD: dir,
-        DENO_DIR: Deno.env.get("DENO_DIR") ??
-          `${Deno.env.get("HOME")}/.cache/deno`,
-        NO_COLOR: "1",
-        ...sshEnv(sshd),
-        MQ_PORT: String(mqPort),
-        MQ_DB: ":memory:",
+      const worker = startInDir(dir, sshd, mqPort, {
         TASK_COMMAND: command,
         TASK_POLL_WAIT: "1",
         TASK_HTTP_PORT: String(httpPort),
-      }, dir);
+      });
       try {
         const url = `http://127.0.0.1:${httpPort}`;
         await worker.line(
@@ -1297,21 +1312,12 @@ Deno.test({
       await Deno.chmod(dir, 0o755);
       const mqPort = freePort();
       const httpPort = freePort();
-      const worker = spawnCollecting(`${REPO}start`, [], {
-        PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-        HOME: dir,
-        INIT_CWD: dir,
-        DENO_DIR: Deno.env.get("DENO_DIR") ??
-          `${Deno.env.get("HOME")}/.cache/deno`,
-        NO_COLOR: "1",
-        ...sshEnv(sshd),
-        MQ_PORT: String(mqPort),
-        MQ_DB: ":memory:",
+      const worker = startInDir(dir, sshd, mqPort, {
         TASK_COMMAND: "echo started; exec sleep 618",
         TASK_POLL_WAIT: "1",
         TASK_HTTP_PORT: String(httpPort),
         TASK_RESULTS_QUEUE: "replies",
-      }, dir);
+      });
       const queues = `http://127.0.0.1:${mqPort}/3/projects/local/queues`;
       try {
         const url = `http://127.0.0.1:${httpPort}`;
@@ -1386,21 +1392,12 @@ Deno.test({
       const httpPort = freePort();
       // ./start from `dir`: the history is runs.sqlite there, by default.
       const start = () =>
-        spawnCollecting(`${REPO}start`, [], {
-          PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
-          HOME: dir,
-          INIT_CWD: dir,
-          DENO_DIR: Deno.env.get("DENO_DIR") ??
-            `${Deno.env.get("HOME")}/.cache/deno`,
-          NO_COLOR: "1",
-          ...sshEnv(sshd),
-          MQ_PORT: String(mqPort),
-          MQ_DB: ":memory:",
+        startInDir(dir, sshd, mqPort, {
           TASK_COMMAND: "echo line-out; echo line-err >&2; exit",
           TASK_MAX_ATTEMPTS: "1",
           TASK_POLL_WAIT: "1",
           TASK_HTTP_PORT: String(httpPort),
-        }, dir);
+        });
       const url = `http://127.0.0.1:${httpPort}`;
       let worker = start();
       try {
