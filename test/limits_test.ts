@@ -687,7 +687,14 @@ Deno.test({
       assert.equal(sizes.size, 20);
       for (const [name, size] of sizes) {
         assert.equal(size, 2, name);
-        assert.equal((await queue.peek(name)).length, 2, `${name}: both ready`);
+        // Counted, both are there; ready once the healthy worker's release has
+        // landed and a killed victim's lease has lapsed (its reservation
+        // timeout, 30 s from the kill: the last key's can still be held).
+        await until(
+          `${name}: both ready`,
+          async () => (await queue.peek(name)).length === 2,
+          45_000,
+        );
       }
       await healthy.stop();
     }),
