@@ -15,6 +15,9 @@
  * The many-hosts rows (issue 11) run `true` on 50 loopback hosts by the raw
  * ssh2 floor, the worker process (SSH_HOST a comma list), Fabric, pssh and
  * Ansible, against the same hosts, each tool skipped with the reason if missing.
+ * Beside the drains: the run history on against off (issue 18, alternated), a
+ * catalog task without limits and one of `concurrency: 1` (issue 19, rows
+ * 1b), and a followed run's stream posts (issue 18, rows 7).
  *
  * Sizes come from flags or BENCH_* variables (see SIZE_SETTINGS); 0 skips a
  * measure, `--smoke` starts from tiny sizes.
