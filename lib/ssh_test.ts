@@ -292,10 +292,19 @@ Deno.test({
         "ran 0\n",
       ]);
       assert.equal(warned(), 1, log.lines.join("\n"));
-      assert.match(
-        log.lines.join("\n"),
-        /retiring \d connection\(s\) after a session would not open/,
-      );
+      // Refused on a live connection, it retires the others; when sshd had
+      // closed the connections first, they left the pool as they closed and
+      // there is none to retire (what follows checks none is used again).
+      if (
+        !/connection closed before the command started/.test(
+          log.lines.join("\n"),
+        )
+      ) {
+        assert.match(
+          log.lines.join("\n"),
+          /retiring \d connection\(s\) after a session would not open/,
+        );
+      }
       // The rest never meet an old connection.
       const runs = await Promise.all(
         Array.from(
